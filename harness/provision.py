@@ -107,9 +107,7 @@ def provision_venv() -> Path:
     reqs = [REPO / "requirements.txt", REPO / "requirements-dev.txt"]
     pins = VERSIONS[PRIMARY]["pins"]
     key = hashlib.sha256(
-        json.dumps(
-            [torch_pins(), COMFY_REQUIREMENTS, pins, [p.read_text() for p in reqs if p.exists()]]
-        ).encode()
+        json.dumps([torch_pins(), COMFY_REQUIREMENTS, pins, [p.read_text() for p in reqs if p.exists()]]).encode()
     ).hexdigest()
     stamp = vdir / ".run-telemetry-stamp"
     if _stamp_ok(stamp, key):

@@ -1,0 +1,96 @@
+"""ComfyUI adapters that are not nodes: the runtime, the executor hooks, the submission handler, the routes."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Any
+
+from . import runtime
+
+logger = logging.getLogger("run_telemetry")
+
+_INSTALL_LOCK = threading.Lock()
+QUEUED_KEY = "run_telemetry_queued_ms"
+
+
+def install() -> runtime.Runtime | None:
+    """Wire the package into the running ComfyUI once; later calls return the same runtime."""
+    with _INSTALL_LOCK:
+        rt = runtime.get()
+        if rt is not None:
+            return rt
+        import execution  # ComfyUI's modules: only present inside ComfyUI
+        import folder_paths
+        from server import PromptServer
+
+        from .gpu import build_snapshot
+
+        server = PromptServer.instance
+        rt = runtime.Runtime(
+            user_dir=folder_paths.get_user_directory(),
+            output_dir=runtime.output_directory,
+            snapshot=build_snapshot(),
+            pending=lambda pid: _is_pending(server, pid),
+            send=lambda event, data: server.send_sync(event, data),
+        )
+        runtime.set_runtime(rt)
+        for name, fn in (
+            ("prompt executor", lambda: _wrap_executor(execution, rt)),
+            ("node timings", lambda: _wrap_nodes(execution, rt)),
+            ("submission handler", lambda: server.add_on_prompt_handler(on_prompt)),
+            ("routes", lambda: _add_routes(server, rt)),
+            ("finishers", lambda: _add_finishers(rt)),
+        ):
+            try:
+                fn()
+            except Exception as exc:
+                note = f"{name} not installed ({type(exc).__name__}: {exc}); that part of telemetry is off"
+                logger.warning("Run Telemetry: %s", note)
+                rt.notes.append(note)
+        return rt
+
+
+def _wrap_executor(execution: Any, rt: runtime.Runtime) -> None:
+    from .executor import wrap_prompt_executor
+
+    wrap_prompt_executor(execution, rt.recorder)
+
+
+def _wrap_nodes(execution: Any, rt: runtime.Runtime) -> None:
+    from .executor import wrap_node_execute
+
+    wrap_node_execute(execution, rt.recorder)
+
+
+def _add_routes(server: Any, rt: runtime.Runtime) -> None:
+    from ..server_routes import add_routes
+
+    add_routes(server.routes, rt)
+
+
+def _add_finishers(rt: runtime.Runtime) -> None:
+    from .finish import install_finishers
+
+    install_finishers(rt)
+
+
+def on_prompt(json_data: Any) -> Any:
+    """Submission handler: stamp the queued time into ``extra_data`` (ComfyUI 0.3.52 has no ``create_time``)."""
+    try:
+        if isinstance(json_data, dict):
+            extra = json_data.get("extra_data")
+            if extra is None:
+                extra = json_data["extra_data"] = {}
+            if isinstance(extra, dict):
+                extra.setdefault(QUEUED_KEY, int(time.time() * 1000))
+    except Exception:
+        logger.exception("Run Telemetry: submission handler failed")
+    return json_data
+
+
+def _is_pending(server: Any, prompt_id: str) -> bool:
+    """Whether ComfyUI's queue holds ``prompt_id`` (running or waiting)."""
+    running, queued = server.prompt_queue.get_current_queue_volatile()
+    return any(len(item) > 1 and item[1] == prompt_id for item in (*running, *queued))

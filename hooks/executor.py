@@ -1,0 +1,128 @@
+"""Signature-agnostic wrappers around ComfyUI's executor: prompt start/end and per-node timings.
+
+ComfyUI has no supported per-prompt hook (0.3.52 … 0.3.75). ``PromptExecutor.execute`` and the module-level
+``execution.execute`` are wrapped once, with ``*args, **kwargs`` (``execution.execute`` takes 10 positional
+arguments in 0.3.52 and 11 in 0.3.75), arguments are found by name from the original's signature, and anything
+unexpected degrades to a logged warning: the user's prompt always runs exactly as without the package.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from ..telemetry.recorder import Recorder
+
+logger = logging.getLogger("run_telemetry")
+
+WRAPPED = "__run_telemetry_wrapped__"
+
+
+def _arg_getter(fn: Callable[..., Any], name: str, *, skip_self: bool = False) -> Callable[[tuple, dict], Any]:
+    """A cheap accessor for argument ``name`` of ``fn`` from (args, kwargs), found once from the signature."""
+    params = list(inspect.signature(fn).parameters)
+    if skip_self and params and params[0] == "self":
+        params = params[1:]
+    if name not in params:
+        raise LookupError(f"{getattr(fn, '__qualname__', fn)} has no parameter {name!r} (parameters: {params})")
+    idx = params.index(name)
+
+    def get(args: tuple, kwargs: dict) -> Any:
+        return args[idx] if len(args) > idx else kwargs.get(name)
+
+    return get
+
+
+def wrap_prompt_executor(execution: Any, recorder: Recorder) -> str:
+    """Wrap ``execution.PromptExecutor.execute`` to record each prompt's start and end. Returns a status word."""
+    cls = getattr(execution, "PromptExecutor", None)
+    original = getattr(cls, "execute", None)
+    if original is None:
+        raise LookupError("execution.PromptExecutor.execute not found")
+    if getattr(original, WRAPPED, False):
+        return "already installed"
+    get_prompt = _arg_getter(original, "prompt", skip_self=True)
+    get_prompt_id = _arg_getter(original, "prompt_id", skip_self=True)
+    get_extra = _arg_getter(original, "extra_data", skip_self=True)
+
+    @functools.wraps(original)
+    def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        prompt_id = None
+        try:
+            prompt_id = str(get_prompt_id(args, kwargs))
+            recorder.started(prompt_id, get_prompt(args, kwargs), get_extra(args, kwargs))
+        except Exception:
+            logger.exception("Run Telemetry: recording the start of a prompt failed")
+        error: BaseException | None = None
+        try:
+            return original(self, *args, **kwargs)
+        except Exception as exc:
+            error = exc
+            raise
+        finally:
+            if prompt_id is not None:
+                try:
+                    recorder.ended(
+                        prompt_id,
+                        list(getattr(self, "status_messages", None) or []),
+                        getattr(self, "history_result", None),
+                        exception=error,
+                    )
+                except Exception:
+                    logger.exception("Run Telemetry: recording the end of prompt %s failed", prompt_id)
+
+    setattr(execute, WRAPPED, True)
+    cls.execute = execute
+    return "installed"
+
+
+def wrap_node_execute(execution: Any, recorder: Recorder) -> str:
+    """Wrap the module-level ``execution.execute`` (one call per node run) to time nodes."""
+    original = getattr(execution, "execute", None)
+    if original is None:
+        raise LookupError("execution.execute not found")
+    if getattr(original, WRAPPED, False):
+        return "already installed"
+    get_node = _arg_getter(original, "current_item")
+    get_dynprompt = _arg_getter(original, "dynprompt")
+    get_prompt_id = _arg_getter(original, "prompt_id")
+    perf = time.perf_counter
+
+    def record(args: tuple, kwargs: dict, seconds: float) -> None:
+        try:
+            node_id = str(get_node(args, kwargs))
+            class_type = ""
+            dyn = get_dynprompt(args, kwargs)
+            if dyn is not None:
+                class_type = str(dyn.get_node(node_id).get("class_type", ""))
+            recorder.node_called(str(get_prompt_id(args, kwargs)), node_id, class_type, seconds)
+        except Exception:
+            logger.debug("Run Telemetry: node timing skipped", exc_info=True)
+
+    if inspect.iscoroutinefunction(original):
+
+        @functools.wraps(original)
+        async def execute(*args: Any, **kwargs: Any) -> Any:
+            t0 = perf()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                record(args, kwargs, perf() - t0)
+
+    else:
+
+        @functools.wraps(original)
+        def execute(*args: Any, **kwargs: Any) -> Any:
+            t0 = perf()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                record(args, kwargs, perf() - t0)
+
+    setattr(execute, WRAPPED, True)
+    execution.execute = execute
+    return "installed"

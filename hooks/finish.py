@@ -1,0 +1,131 @@
+"""What happens around a prompt's end, wired into the recorder: markers, the contract block, the websocket event."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Mapping
+from datetime import datetime
+from typing import Any
+
+from ..telemetry.atomic import MarkerWriteError
+from ..telemetry.contract import gpu_block, telemetry_block
+from ..telemetry.markers import (
+    DoneMarker,
+    FailedMarker,
+    MarkerTelemetry,
+    clear_markers,
+    describe_outputs,
+    write_done_marker,
+    write_failed_marker,
+)
+from ..telemetry.paths import UnsafePrefixError
+from ..telemetry.records import MarkerState, PromptRecord
+from .runtime import Runtime
+
+logger = logging.getLogger("run_telemetry")
+
+MARKER_NODE = "WriteDoneMarker"
+EVENT = "telemetry.prompt"
+
+
+def declared_markers(prompt: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
+    """(node id, literal prefix, sha256) of every WriteDoneMarker in an API prompt."""
+    found = []
+    for node_id, node in prompt.items():
+        if isinstance(node, Mapping) and node.get("class_type") == MARKER_NODE:
+            inputs = node.get("inputs") or {}
+            prefix = inputs.get("filename_prefix")
+            if isinstance(prefix, str):
+                found.append((str(node_id), prefix, bool(inputs.get("sha256") is True)))
+    return found
+
+
+def _parse_iso(value: str | None) -> float | None:
+    if not value:
+        return None
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def install_finishers(rt: Runtime) -> None:
+    """Wire the marker steps, the contract block and the websocket event into the runtime's recorder."""
+    rec_ = rt.recorder
+
+    def clear_stale_markers(rec: PromptRecord, prompt: Mapping[str, Any]) -> None:
+        """At start: forget last run's markers for every declared prefix, and declare them for the end."""
+        out = rt.output_dir()
+        for node_id, prefix, sha in declared_markers(prompt):
+            rec.Markers.append(MarkerState(NodeId=node_id, Prefix=prefix, Sha256=sha))
+            try:
+                clear_markers(out, prefix)
+            except UnsafePrefixError:
+                pass  # refused with a clear message when the node validates; nothing to clear
+            except MarkerWriteError as exc:
+                rec.FallbackNotes.append(f"could not remove the previous marker for {prefix!r}: {exc}")
+
+    rec_.add_start_hook(clear_stale_markers)
+    # Markers first: the contract block reads their state (DoneMarker*, postExecution).
+    rec_.add_finisher("done marker", lambda rec: write_markers(rt, rec))
+    rec_.add_finisher("contract telemetry", lambda rec: build_contract(rt, rec))
+    if rt.send is not None:
+        send = rt.send
+
+        def emit(rec: PromptRecord) -> None:
+            send(EVENT, rec.summary())
+
+        rec_.add_listener(emit)
+
+
+def build_contract(rt: Runtime, rec: PromptRecord) -> None:
+    """Fill ``rec.Telemetry`` in the contract's shape (per-attempt ``Telemetry`` of artifact-metadata.json)."""
+    rec.Telemetry = telemetry_block(rec, getattr(rt, "policy", None))
+
+
+def write_markers(rt: Runtime, rec: PromptRecord) -> None:
+    """At the end: ``.done`` for a success, ``.failed`` otherwise, for every marker of the prompt."""
+    if not rec.Markers:
+        return
+    out = rt.output_dir()
+    gpu = gpu_block(rec)
+    summary = MarkerTelemetry(
+        DurationSeconds=rec.DurationSeconds,
+        VramBeforeMB=gpu.get("VramBeforeMB"),
+        VramAfterMB=gpu.get("VramAfterMB"),
+        VramDeltaMB=gpu.get("VramDeltaMB"),
+        Gpu=gpu.get("Name"),
+    )
+    success_at = _parse_iso(rec.ExecutionSuccessAt)
+    items = [{"filename": o.Filename, "subfolder": o.Subfolder, "type": o.Type} for o in rec.Outputs]
+    for m in rec.Markers:
+        try:
+            if rec.Outcome == "success":
+                outputs = describe_outputs(out, items, sha256=m.Sha256)
+                frames = m.FrameCount if m.FrameCount is not None else len(outputs)
+                marker: DoneMarker | FailedMarker = DoneMarker(
+                    PromptId=rec.PromptId, Prefix=m.Prefix, FrameCount=frames, Outputs=outputs, Telemetry=summary
+                )
+                result = write_done_marker(out, m.Prefix, marker)
+                m.State = "written"
+            else:
+                err = rec.Error
+                marker = FailedMarker(
+                    PromptId=rec.PromptId,
+                    Prefix=m.Prefix,
+                    Outcome="interrupted" if rec.Outcome == "interrupted" else "error",
+                    Node=err.NodeId if err else None,
+                    NodeType=err.NodeType if err else None,
+                    Message=(err.Message if err and err.Message else rec.Outcome),
+                    Telemetry=summary,
+                )
+                result = write_failed_marker(out, m.Prefix, marker)
+                m.State = "failed"
+            m.Path = str(result.path)
+            if success_at is not None and rec.Outcome == "success":
+                m.WaitSeconds = round(max(0.0, time.time() - success_at), 6)
+            if result.fallback_note:
+                rec.FallbackNotes.append(result.fallback_note)
+        except (MarkerWriteError, UnsafePrefixError, OSError) as exc:
+            m.State = "error"
+            m.Error = str(exc)
+            rec.FallbackNotes.append(f"marker for prefix {m.Prefix!r} could not be written: {exc}")
+            logger.error("Run Telemetry: marker for prefix %r could not be written: %s", m.Prefix, exc)

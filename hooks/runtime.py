@@ -1,0 +1,123 @@
+"""The one Runtime the ComfyUI adapters share: store, writer, recorder and the probe snapshot, wired once."""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from ..telemetry import __version__
+from ..telemetry.paths import UnsafePrefixError, resolve_prefix
+from ..telemetry.recorder import Recorder
+from ..telemetry.store import DEFAULT_RETENTION, Store
+from ..telemetry.writer import Writer
+
+logger = logging.getLogger("run_telemetry")
+
+ENV_DIR = "RUN_TELEMETRY_DIR"
+ENV_RETENTION = "RUN_TELEMETRY_RETENTION"
+CUT_OFF_NOTE = "ComfyUI stopped (crash or kill) before this prompt finished; marked on the next start"
+
+
+class Runtime:
+    """Everything the nodes, hooks and routes share inside one ComfyUI process."""
+
+    def __init__(
+        self,
+        *,
+        user_dir: Path,
+        output_dir: Callable[[], Path],
+        snapshot: Callable[[], dict[str, Any]],
+        pending: Callable[[str], bool] = lambda _pid: False,
+        send: Callable[[str, dict[str, Any]], None] | None = None,
+        env: dict[str, str] | None = None,
+    ) -> None:
+        env = dict(os.environ if env is None else env)
+        self.notes: list[str] = []
+        self.data_dir = Path(env.get(ENV_DIR) or (Path(user_dir) / "telemetry"))
+        retention = DEFAULT_RETENTION
+        raw = env.get(ENV_RETENTION)
+        if raw:
+            try:
+                retention = int(raw)
+                if retention < 1:
+                    raise ValueError("must be at least 1")
+            except ValueError as exc:
+                note = f"{ENV_RETENTION}={raw!r} is not a whole number >= 1 ({exc}); keeping {DEFAULT_RETENTION}"
+                logger.error("Run Telemetry: %s", note)
+                self.notes.append(note)
+                retention = DEFAULT_RETENTION
+        self.store = Store(self.data_dir / "telemetry.sqlite3", retention=retention)
+        self.cut_off = self.store.mark_cut_off(CUT_OFF_NOTE)
+        if self.cut_off:
+            logger.warning(
+                "Run Telemetry: %d prompt(s) were cut off by the last stop: %s", len(self.cut_off), self.cut_off
+            )
+        self.writer = Writer()
+        self.output_dir = output_dir
+        self.snapshot = snapshot
+        self.pending = pending
+        self.send = send
+        self.recorder = Recorder(self.store, self.writer, snapshot)
+        self.version = __version__
+
+    def current_prompt_id(self) -> str | None:
+        """The prompt being executed on this thread (ComfyUI's executing context, else the recorder's)."""
+        try:
+            from comfy_execution.utils import get_executing_context  # ComfyUI >= 0.3.4x
+
+            ctx = get_executing_context()
+            if ctx is not None and getattr(ctx, "prompt_id", None):
+                return str(ctx.prompt_id)
+        except Exception:  # older ComfyUI or outside a node: the recorder knows the running prompt
+            pass
+        return self.recorder.current_prompt_id
+
+    def span_start(self, node_id: str, label: str) -> None:
+        """TelemetryCapture: open a span in the running prompt."""
+        self.recorder.span_start(node_id, label, prompt_id=self.current_prompt_id())
+
+    def span_end(self, node_id: str, label: str) -> None:
+        """TelemetryCapture: close a span."""
+        self.recorder.span_end(node_id, label, prompt_id=self.current_prompt_id())
+
+    def declare_marker(self, node_id: str, prefix: str, frames: int | None, sha256: bool) -> None:
+        """WriteDoneMarker: register the marker, written once the prompt ends."""
+        self.recorder.declare_marker(node_id, prefix, frames, sha256, prompt_id=self.current_prompt_id())
+
+
+_RUNTIME: Runtime | None = None
+_LOCK = threading.Lock()
+
+
+def get() -> Runtime | None:
+    """The wired runtime, or ``None`` when wiring failed (nodes then only pass values through)."""
+    return _RUNTIME
+
+
+def set_runtime(rt: Runtime | None) -> None:
+    """Install the process-wide runtime (done once by ``hooks.install``)."""
+    global _RUNTIME
+    with _LOCK:
+        _RUNTIME = rt
+
+
+def output_directory() -> Path:
+    """ComfyUI's output folder, absolute (as ``get_save_image_path`` compares it)."""
+    import folder_paths  # ComfyUI's module; only imported inside ComfyUI
+
+    return Path(os.path.abspath(folder_paths.get_output_directory()))
+
+
+def prefix_problem(prefix: str) -> str | None:
+    """Why ``prefix`` may not be used as a marker prefix, or ``None`` when it is safe."""
+    try:
+        resolve_prefix(output_directory(), prefix)
+    except UnsafePrefixError as exc:
+        return str(exc)
+    except Exception as exc:  # outside ComfyUI the output folder is unknown; the write checks again
+        logger.debug("prefix check skipped: %s", exc)
+    return None

@@ -1,0 +1,76 @@
+"""TelemetryCapture: a pass-through node that tags the prompt and records a VRAM span around its input."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .common import ANY, CATEGORY, get_runtime
+
+
+class TelemetryCapture:
+    """Tags the prompt with its run and scene and measures what feeds ``value`` (seconds, VRAM before/after)."""
+
+    DESCRIPTION = (
+        "Pass-through node: tags the prompt with a run and scene, and records a span (seconds, VRAM before, after "
+        "and delta) around the execution of whatever feeds its input. Outputs its input unchanged."
+    )
+    CATEGORY = CATEGORY
+    FUNCTION = "capture"
+    RETURN_TYPES = (ANY,)
+    RETURN_NAMES = ("value",)
+    OUTPUT_TOOLTIPS = ("The input, unchanged.",)
+    SEARCH_ALIASES = ["telemetry", "vram", "run", "scene"]
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        """Declared inputs: the measured value (lazy, so the span starts before it is computed) and tags."""
+        return {
+            "required": {
+                "value": (
+                    ANY,
+                    {
+                        "lazy": True,
+                        "tooltip": "Anything (image, latent, model …). What produces it is measured; it passes through.",
+                    },
+                ),
+                "run_id": (
+                    "STRING",
+                    {
+                        "default": "",
+                        "tooltip": "Run this prompt belongs to (letters, digits, . _ -). Empty: not part of a run.",
+                    },
+                ),
+                "scene_id": (
+                    "STRING",
+                    {"default": "", "tooltip": "Scene of the run this prompt renders. Empty: not tagged."},
+                ),
+                "label": (
+                    "STRING",
+                    {"default": "span", "tooltip": "Name of the span in the prompt's telemetry record."},
+                ),
+                "frame_floor": (
+                    "INT",
+                    {
+                        "default": 0,
+                        "min": 0,
+                        "max": 1_000_000,
+                        "tooltip": "Fewest frames the scene must produce; the run summary warns below it. 0: none.",
+                    },
+                ),
+            },
+            "hidden": {"unique_id": "UNIQUE_ID"},
+        }
+
+    def check_lazy_status(self, value: Any = None, label: str = "span", unique_id: str = "", **_: Any) -> list[str]:
+        """Called before ``value`` is evaluated: open the span, then ask ComfyUI for the input."""
+        rt = get_runtime()
+        if rt is not None:
+            rt.span_start(str(unique_id), label)
+        return ["value"] if value is None else []
+
+    def capture(self, value: Any, label: str = "span", unique_id: str = "", **_: Any) -> tuple[Any]:
+        """Close the span and pass the value through."""
+        rt = get_runtime()
+        if rt is not None:
+            rt.span_end(str(unique_id), label)
+        return (value,)

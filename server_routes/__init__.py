@@ -1,0 +1,21 @@
+"""Route adapters: each module registers its handlers on a RouteTableDef with the runtime handed in.
+
+ComfyUI serves every route of ``PromptServer.instance.routes`` again under ``/api``. Tests mount the same
+modules on a bare ``aiohttp.web.Application``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from . import meta, prompts, status
+
+MODULES = (status, prompts, meta)
+
+
+def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
+    """Register every route module's handlers."""
+    for module in MODULES:
+        module.add_routes(routes, rt)

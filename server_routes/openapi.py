@@ -1,0 +1,72 @@
+"""The OpenAPI 3.0 document of the package's routes (kept beside the handlers; a test checks they match)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {
+    "description": "Error",
+    "content": {
+        "application/json": {
+            "schema": {
+                "type": "object",
+                "required": ["error"],
+                "properties": {"error": {"type": "string"}, "parameter": {"type": "string"}},
+            }
+        }
+    },
+}
+_OBJ = {"content": {"application/json": {"schema": {"type": "object"}}}}
+
+
+def _ok(description: str) -> dict[str, Any]:
+    return {"description": description, **_OBJ}
+
+
+PROMPT_ID = {"name": "prompt_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
+
+
+def build_openapi(version: str) -> dict[str, Any]:
+    """The document served at /telemetry/openapi.json."""
+    paths: dict[str, Any] = {
+        "/telemetry": {
+            "get": {
+                "summary": "Device snapshot now and the most recent prompts",
+                "parameters": [
+                    {"name": "limit", "in": "query", "schema": {"type": "integer", "minimum": 1, "maximum": 1000}}
+                ],
+                "responses": {"200": _ok("Snapshot and prompts"), "400": _ERROR},
+            }
+        },
+        "/telemetry/prompts/{prompt_id}": {
+            "get": {
+                "summary": "The full record of one prompt",
+                "parameters": [PROMPT_ID],
+                "responses": {"200": _ok("Record"), "404": _ERROR},
+            }
+        },
+        "/telemetry/prompts/{prompt_id}/wait": {
+            "get": {
+                "summary": "Wait until the prompt ends; 202 with the current state on timeout",
+                "parameters": [
+                    PROMPT_ID,
+                    {
+                        "name": "timeout",
+                        "in": "query",
+                        "schema": {"type": "number", "minimum": 0, "maximum": 3600},
+                    },
+                ],
+                "responses": {"200": _ok("Final record"), "202": _ok("Still pending"), "400": _ERROR, "404": _ERROR},
+            }
+        },
+        "/telemetry/schema": {
+            "get": {"summary": "JSON Schema of artifact-metadata.json", "responses": {"200": _ok("Schema")}}
+        },
+        "/telemetry/openapi.json": {"get": {"summary": "This document", "responses": {"200": _ok("OpenAPI")}}},
+    }
+    return {
+        "openapi": "3.0.3",
+        "info": {"title": "Run Telemetry", "version": version},
+        "paths": paths,
+    }

@@ -1,0 +1,181 @@
+"""Durable store of prompt records: SQLite in WAL mode, one writer thread, any number of readers."""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from .records import PromptRecord
+
+logger = logging.getLogger("run_telemetry.store")
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS prompts (
+    prompt_id  TEXT PRIMARY KEY,
+    run_id     TEXT,
+    scene_id   TEXT,
+    outcome    TEXT NOT NULL,
+    updated_at REAL NOT NULL,
+    record     TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS prompts_run ON prompts(run_id, scene_id);
+CREATE INDEX IF NOT EXISTS prompts_updated ON prompts(updated_at);
+CREATE TABLE IF NOT EXISTS runs (
+    run_id     TEXT PRIMARY KEY,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    info       TEXT NOT NULL
+);
+"""
+
+DEFAULT_RETENTION = 10_000
+
+
+class Store:
+    """Prompt records keyed by prompt id. Writes must come from one thread (the writer); reads from any."""
+
+    def __init__(self, path: Path, *, retention: int = DEFAULT_RETENTION) -> None:
+        self.path = Path(path)
+        self.retention = max(1, int(retention))
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
+        self._writes_since_prune = 0
+        with self._conn() as c:
+            c.execute("PRAGMA journal_mode=WAL")
+            c.executescript(SCHEMA)
+
+    def _connect(self) -> sqlite3.Connection:
+        conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
+        # NORMAL in WAL mode: a committed transaction survives the process being killed (kill -9); only an
+        # OS crash or power loss can drop the last commits, which is the right trade for telemetry.
+        conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA busy_timeout=10000")
+        return conn
+
+    @contextmanager
+    def _conn(self) -> Iterator[sqlite3.Connection]:
+        conn = getattr(self._local, "conn", None)
+        if conn is None:
+            conn = self._connect()
+            self._local.conn = conn
+        yield conn
+
+    def close(self) -> None:
+        """Close this thread's connection."""
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+            self._local.conn = None
+
+    # --- writes (writer thread) ---
+
+    def put(self, rec: PromptRecord) -> None:
+        """Insert or replace one record."""
+        with self._conn() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO prompts(prompt_id, run_id, scene_id, outcome, updated_at, record)"
+                " VALUES (?,?,?,?,?,?)",
+                (rec.PromptId, rec.RunId, rec.SceneId, rec.Outcome, time.time(), rec.model_dump_json()),
+            )
+        self._writes_since_prune += 1
+        if self._writes_since_prune >= 100:
+            self._writes_since_prune = 0
+            self.prune()
+
+    def prune(self) -> int:
+        """Drop the oldest records beyond the retention count; return how many went."""
+        with self._conn() as c:
+            cur = c.execute(
+                "DELETE FROM prompts WHERE prompt_id IN (SELECT prompt_id FROM prompts"
+                " ORDER BY updated_at DESC LIMIT -1 OFFSET ?)",
+                (self.retention,),
+            )
+            return cur.rowcount
+
+    def mark_cut_off(self, note: str) -> list[str]:
+        """Mark records left queued or running by a process that died as ``crashed``; return their ids."""
+        ids: list[str] = []
+        with self._conn() as c:
+            rows = c.execute("SELECT record FROM prompts WHERE outcome IN ('queued','running')").fetchall()
+            for (raw,) in rows:
+                rec = PromptRecord.model_validate_json(raw)
+                rec.Outcome = "crashed"
+                rec.FallbackNotes.append(note)
+                ids.append(rec.PromptId)
+                c.execute(
+                    "UPDATE prompts SET outcome='crashed', updated_at=?, record=? WHERE prompt_id=?",
+                    (time.time(), rec.model_dump_json(), rec.PromptId),
+                )
+        return ids
+
+    def put_run(self, run_id: str, info: dict[str, Any]) -> None:
+        """Insert or update a run's own information (policy, story, retries)."""
+        now = time.time()
+        with self._conn() as c:
+            c.execute(
+                "INSERT INTO runs(run_id, created_at, updated_at, info) VALUES (?,?,?,?)"
+                " ON CONFLICT(run_id) DO UPDATE SET updated_at=excluded.updated_at, info=excluded.info",
+                (run_id, now, now, json.dumps(info)),
+            )
+
+    # --- reads (any thread) ---
+
+    def get(self, prompt_id: str) -> PromptRecord | None:
+        """One record, or ``None``."""
+        with self._conn() as c:
+            row = c.execute("SELECT record FROM prompts WHERE prompt_id=?", (prompt_id,)).fetchone()
+        return PromptRecord.model_validate_json(row[0]) if row else None
+
+    def recent(self, limit: int) -> list[PromptRecord]:
+        """The most recently updated records, newest first."""
+        with self._conn() as c:
+            rows = c.execute("SELECT record FROM prompts ORDER BY updated_at DESC LIMIT ?", (limit,)).fetchall()
+        return [PromptRecord.model_validate_json(r[0]) for r in rows]
+
+    def by_run(self, run_id: str) -> list[PromptRecord]:
+        """Every record of a run, oldest first."""
+        with self._conn() as c:
+            rows = c.execute(
+                "SELECT record FROM prompts WHERE run_id=? ORDER BY updated_at ASC, rowid ASC", (run_id,)
+            ).fetchall()
+        return [PromptRecord.model_validate_json(r[0]) for r in rows]
+
+    def run_info(self, run_id: str) -> dict[str, Any] | None:
+        """A run's own information, or ``None``."""
+        with self._conn() as c:
+            row = c.execute("SELECT info FROM runs WHERE run_id=?", (run_id,)).fetchone()
+        return json.loads(row[0]) if row else None
+
+    def runs(self) -> list[dict[str, Any]]:
+        """Every run with its scene count, prompt count, outcomes and last activity, newest first."""
+        with self._conn() as c:
+            rows = c.execute(
+                "SELECT run_id, COUNT(DISTINCT scene_id), COUNT(*), MAX(updated_at),"
+                " SUM(outcome='success'), SUM(outcome IN ('error','interrupted','crashed')),"
+                " SUM(outcome IN ('queued','running'))"
+                " FROM prompts WHERE run_id IS NOT NULL GROUP BY run_id ORDER BY MAX(updated_at) DESC"
+            ).fetchall()
+        return [
+            {
+                "RunId": r[0],
+                "Scenes": r[1],
+                "Prompts": r[2],
+                "LastActivity": r[3],
+                "Succeeded": r[4],
+                "Failed": r[5],
+                "Pending": r[6],
+            }
+            for r in rows
+        ]
+
+    def count(self) -> int:
+        """How many records are kept."""
+        with self._conn() as c:
+            return int(c.execute("SELECT COUNT(*) FROM prompts").fetchone()[0])
