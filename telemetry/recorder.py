@@ -146,6 +146,9 @@ class Recorder:
         self._lock = threading.Lock()
         self._live: dict[str, _Live] = {}
         self._queued: dict[str, PromptRecord] = {}
+        # Ended on the worker, not yet through the writer (markers, store): still "running" to readers, so a
+        # reader that sees a final outcome can trust that the marker and the stored record exist.
+        self._finishing: dict[str, PromptRecord] = {}
         self._recent: OrderedDict[str, PromptRecord] = OrderedDict()
         self._recent_size = recent_size
         self._finishers: list[tuple[str, Finisher]] = []
@@ -283,6 +286,8 @@ class Recorder:
             live = self._live.pop(prompt_id, None)
             if self.current_prompt_id == prompt_id:
                 self.current_prompt_id = None
+            if live is not None:
+                self._finishing[prompt_id] = live.record
         if live is None:
             return
         rec = live.record
@@ -326,6 +331,9 @@ class Recorder:
             live = self._live.get(prompt_id)
             if live is not None:
                 return live.record.model_copy(deep=True)
+            finishing = self._finishing.get(prompt_id)
+            if finishing is not None:
+                return finishing.model_copy(update={"Outcome": "running"}, deep=True)
             rec = self._queued.get(prompt_id) or self._recent.get(prompt_id)
         if rec is not None:
             return rec
@@ -335,6 +343,7 @@ class Recorder:
         """Newest prompts first: running and queued, then finished."""
         with self._lock:
             live = [lv.record.model_copy(deep=True) for lv in self._live.values()]
+            live += [r.model_copy(update={"Outcome": "running"}, deep=True) for r in self._finishing.values()]
             queued = list(self._queued.values())
             done = list(reversed(self._recent.values()))
         out = live + list(reversed(queued)) + done
@@ -382,6 +391,7 @@ class Recorder:
         self._persist(rec, publish=False)
         with self._lock:
             self._recent[rec.PromptId] = rec
+            self._finishing.pop(rec.PromptId, None)
             while len(self._recent) > self._recent_size:
                 self._recent.popitem(last=False)
         self._publish(rec)
