@@ -1,0 +1,694 @@
+"""The marker consumer: ``python -m telemetry wait`` and ``python -m telemetry write-marker``.
+
+``wait`` blocks until ``<prefix>.done`` or ``<prefix>.failed`` appears (inotify on Linux, polling elsewhere), checks
+every output the marker lists, optionally copies them, and prints one JSON object. Exit codes: 0 done and verified,
+1 failed / invalid marker / verification or copy failed, 2 bad input, 3 timed out.
+
+On a timeout with ``--copy-to`` it falls back to what the pre-marker helper did: copy the newest files matching the
+prefix once their sizes and mtimes hold still, and leave a ``forced-copy-debug-<UTC>.txt`` saying what it saw.
+
+``write-marker`` is the marker writer for scripts; a done marker always lists the files matching the prefix
+(see :func:`find_candidates`) as its Outputs, and FrameCount is ``--frames`` or, without it, the number listed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import ctypes.util
+import json
+import logging
+import os
+import select
+import shutil
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .atomic import MarkerWriteError, atomic_write, is_temp_name, remove_stale_temps, temp_name_for
+from .markers import (
+    HASH_CHUNK,
+    MARKER_SUFFIXES,
+    DoneMarker,
+    FailedMarker,
+    MarkerReadError,
+    OutputFile,
+    describe_outputs,
+    format_utc,
+    marker_paths,
+    read_marker,
+    sha256_file,
+    write_done_marker,
+    write_failed_marker,
+)
+from .paths import UnsafePrefixError, resolve_prefix
+
+logger = logging.getLogger("run_telemetry.markers")
+
+EXIT_DONE = 0
+EXIT_FAILED = 1
+EXIT_BAD_INPUT = 2
+EXIT_TIMEOUT = 3
+
+# With inotify a wake-up normally comes from an event; the periodic re-check covers file systems
+# (network shares, some container mounts) where events never arrive.
+INOTIFY_RECHECK_SECONDS = 0.5
+# A marker that exists but does not parse may be mid-way through the non-atomic Windows fallback write.
+INVALID_MARKER_GRACE_SECONDS = 2.0
+# mtimes on some file systems are coarse; a file touched just before the wait began still counts as new.
+MTIME_SLACK_SECONDS = 1.0
+
+_IN_CLOSE_WRITE = 0x00000008
+_IN_MOVED_TO = 0x00000080
+_IN_CREATE = 0x00000100
+
+Clock = Callable[[], float]
+Sleep = Callable[[float], None]
+
+
+class BadInputError(ValueError):
+    """Input the user can fix; reported as one sentence on stderr with exit code 2."""
+
+
+class _Report(BaseModel):
+    model_config = ConfigDict(populate_by_name=True)
+
+
+class WaitReport(_Report):
+    """The one JSON object ``wait`` prints."""
+
+    status: Literal["done", "failed", "verification-failed", "copy-failed", "invalid-marker", "timeout"] = Field(
+        alias="Status"
+    )
+    marker_path: str | None = Field(None, alias="MarkerPath")
+    marker: dict[str, Any] | None = Field(None, alias="Marker")
+    verified: bool | None = Field(None, alias="Verified")
+    problems: list[str] = Field(default_factory=list, alias="Problems")
+    copied: list[str] = Field(default_factory=list, alias="Copied")
+    wait_seconds: float = Field(alias="WaitSeconds")
+    watcher: str = Field(alias="Watcher")
+    forced_copy_triggered: bool = Field(False, alias="ForcedCopyTriggered")
+    forced_copy_debug_path: str | None = Field(None, alias="ForcedCopyDebugPath")
+    fallback_notes: list[str] = Field(default_factory=list, alias="FallbackNotes")
+
+
+# --- watching -----------------------------------------------------------------------------------------------------
+
+
+class _Inotify:
+    """A minimal inotify watch on one folder through libc, used only to wake up early."""
+
+    def __init__(self, folder: Path) -> None:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        fd = libc.inotify_init1(os.O_NONBLOCK | os.O_CLOEXEC)
+        if fd < 0:
+            err = ctypes.get_errno()
+            raise OSError(err, os.strerror(err))
+        wd = libc.inotify_add_watch(fd, os.fsencode(folder), _IN_CLOSE_WRITE | _IN_MOVED_TO | _IN_CREATE)
+        if wd < 0:
+            err = ctypes.get_errno()
+            os.close(fd)
+            raise OSError(err, os.strerror(err), str(folder))
+        self._fd = fd
+
+    def wait(self, timeout: float) -> None:
+        """Block until an event arrives or ``timeout`` passes, then drain pending events."""
+        ready, _, _ = select.select([self._fd], [], [], max(timeout, 0.0))
+        if not ready:
+            return
+        # The events themselves are not parsed: any change in the folder just triggers a re-check.
+        while True:
+            try:
+                if not os.read(self._fd, 65536):
+                    return
+            except BlockingIOError:
+                return
+
+    def close(self) -> None:
+        """Release the inotify descriptor."""
+        os.close(self._fd)
+
+
+def _open_inotify(folder: Path) -> _Inotify | None:
+    try:
+        return _Inotify(folder)
+    except (OSError, AttributeError) as exc:
+        logger.info("inotify unavailable for %s (%s); polling instead", folder, exc)
+        return None
+
+
+@dataclass
+class WaitOutcome:
+    """What :func:`wait_for_marker` found: a marker, an invalid marker, or nothing before the deadline."""
+
+    path: Path | None
+    marker: DoneMarker | FailedMarker | None
+    error: str | None
+    waited: float
+    watcher: str
+    notes: list[str] = field(default_factory=list)
+
+
+def _newest_existing(paths: tuple[Path, ...]) -> tuple[list[Path], list[str]]:
+    present: list[tuple[int, int, Path]] = []
+    for order, path in enumerate(paths):
+        try:
+            present.append((path.stat().st_mtime_ns, order, path))
+        except OSError:
+            continue
+    # Newest first; on an mtime tie the .failed one (listed second) wins, the safer reading.
+    present.sort(reverse=True)
+    notes = []
+    if len(present) > 1:
+        notes.append(f"both {present[0][2].name} and {present[1][2].name} exist; used the newer, {present[0][2].name}")
+    return [item[2] for item in present], notes
+
+
+def _try_read(path: Path) -> tuple[DoneMarker | FailedMarker | None, str | None]:
+    try:
+        marker = read_marker(path)
+    except FileNotFoundError:
+        return None, None
+    except (OSError, MarkerReadError) as exc:
+        return None, str(exc)
+    expected = "done" if path.name.endswith(".done") else "failed"
+    if marker.kind != expected:
+        return None, f"marker {path} says Kind {marker.kind!r} but its name ends in .{expected}"
+    return marker, None
+
+
+def wait_for_marker(
+    base: Path,
+    *,
+    timeout: float,
+    poll_interval: float,
+    watcher: Literal["auto", "poll"] = "auto",
+    on_ready: Callable[[str], None] | None = None,
+    clock: Clock = time.monotonic,
+    sleep: Sleep = time.sleep,
+) -> WaitOutcome:
+    """Wait until ``<base>.done`` or ``<base>.failed`` holds a valid marker, or ``timeout`` seconds pass."""
+    done_path, failed_path = marker_paths(base)
+    folder = base.parent
+    start = clock()
+    deadline = start + timeout
+    may_watch = watcher == "auto" and sys.platform.startswith("linux")
+    notifier = None
+    if may_watch and folder.is_dir():
+        may_watch = False
+        notifier = _open_inotify(folder)
+    used = "inotify" if notifier else "poll"
+    invalid_since: float | None = None
+    if on_ready is not None:
+        on_ready(used)
+    try:
+        while True:
+            existing, notes = _newest_existing((done_path, failed_path))
+            if existing:
+                marker, error = _try_read(existing[0])
+                if marker is not None:
+                    return WaitOutcome(existing[0], marker, None, clock() - start, used, notes)
+                if error is not None:
+                    invalid_since = clock() if invalid_since is None else invalid_since
+                    if clock() - invalid_since >= INVALID_MARKER_GRACE_SECONDS or clock() >= deadline:
+                        return WaitOutcome(existing[0], None, error, clock() - start, used, notes)
+            remaining = deadline - clock()
+            if remaining <= 0:
+                return WaitOutcome(None, None, None, clock() - start, used)
+            if notifier is None and may_watch and folder.is_dir():
+                # One try once the folder exists; if inotify is unavailable, keep polling without retrying.
+                may_watch = False
+                notifier = _open_inotify(folder)
+                if notifier is not None:
+                    used = "inotify"
+                    # A marker may have landed before the watch existed: look again before blocking.
+                    continue
+            if notifier is not None:
+                notifier.wait(min(remaining, INOTIFY_RECHECK_SECONDS))
+            else:
+                sleep(min(remaining, poll_interval))
+    finally:
+        if notifier is not None:
+            notifier.close()
+
+
+# --- verifying and copying ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class Verification:
+    """Problems found in a done marker's outputs, and the files that passed, as (source, path relative to root)."""
+
+    problems: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    files: list[tuple[Path, Path]] = field(default_factory=list)
+
+
+def verify_outputs(output_dir: Path, outputs: list[OutputFile], *, verify_hash: bool) -> Verification:
+    """Check that every listed output exists with its recorded size (and sha256 when asked and recorded)."""
+    root = Path(os.path.realpath(output_dir))
+    result = Verification()
+    for entry in outputs:
+        label = f"{entry.subfolder}/{entry.filename}" if entry.subfolder else entry.filename
+        if entry.folder_type != "output":
+            result.notes.append(f"skipped {label!r}: type {entry.folder_type!r} is not in the output folder")
+            continue
+        if entry.missing:
+            result.problems.append(f"{label!r} was already missing when the marker was written")
+            continue
+        path = Path(os.path.realpath(root / entry.subfolder / entry.filename))
+        try:
+            relative = path.relative_to(root)
+        except ValueError:
+            result.problems.append(f"{label!r} points outside the output folder; not checked")
+            continue
+        try:
+            size = path.stat().st_size
+        except OSError:
+            result.problems.append(f"{label!r} does not exist")
+            continue
+        if entry.size_bytes is not None and size != entry.size_bytes:
+            result.problems.append(f"{label!r} is {size} bytes, the marker says {entry.size_bytes}")
+            continue
+        if verify_hash:
+            if entry.sha256 is None:
+                result.notes.append(f"{label!r} has no Sha256 in the marker; checked its size only")
+            elif sha256_file(path) != entry.sha256.lower():
+                result.problems.append(f"{label!r} does not match the marker's Sha256")
+                continue
+        result.files.append((path, relative))
+    return result
+
+
+def copy_atomic(source: Path, destination: Path) -> None:
+    """Copy ``source`` to ``destination`` through a temp file in its folder, so a reader never sees half a copy."""
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temps(destination)
+    tmp = destination.parent / temp_name_for(destination)
+    try:
+        with source.open("rb") as src, tmp.open("xb") as dst:
+            shutil.copyfileobj(src, dst, HASH_CHUNK)
+            dst.flush()
+            os.fsync(dst.fileno())
+        shutil.copystat(source, tmp)
+        os.replace(tmp, destination)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+def _copy_all(files: list[tuple[Path, Path]], copy_to: Path) -> tuple[list[str], list[str]]:
+    copied: list[str] = []
+    problems: list[str] = []
+    for source, relative in files:
+        destination = copy_to / relative
+        try:
+            copy_atomic(source, destination)
+        except OSError as exc:
+            problems.append(f"could not copy {source} to {destination}: {exc.strerror or exc}")
+            continue
+        copied.append(str(destination))
+    return copied, problems
+
+
+# --- forced copy on timeout ---------------------------------------------------------------------------------------
+
+
+def find_candidates(base: Path) -> list[Path]:
+    """Regular files beside ``base`` whose names start with its name; markers and temp files excluded."""
+    found: list[Path] = []
+    try:
+        entries = list(os.scandir(base.parent))
+    except OSError:
+        return found
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(base.name) or name.endswith(MARKER_SUFFIXES):
+            continue
+        if is_temp_name(name) or name.endswith(".tmp"):
+            continue
+        try:
+            if entry.is_file(follow_symlinks=False):
+                found.append(Path(entry.path))
+        except OSError:
+            continue
+    return sorted(found)
+
+
+Snapshot = dict[str, tuple[int, int]]
+
+
+def _snapshot(paths: list[Path]) -> Snapshot:
+    snap: Snapshot = {}
+    for path in paths:
+        try:
+            stat = path.stat()
+        except OSError:
+            continue
+        snap[path.name] = (stat.st_size, stat.st_mtime_ns)
+    return snap
+
+
+def _select_newest(base: Path, since: float) -> tuple[list[Path], str]:
+    candidates = find_candidates(base)
+    recent = []
+    for path in candidates:
+        try:
+            if path.stat().st_mtime >= since - MTIME_SLACK_SECONDS:
+                recent.append(path)
+        except OSError:
+            continue
+    if recent:
+        return recent, f"{len(recent)} of {len(candidates)} candidate(s) modified since the wait began"
+    return candidates, f"none modified since the wait began; took all {len(candidates)} candidate(s)"
+
+
+@dataclass
+class ForcedCopy:
+    """What the forced copy did."""
+
+    copied: list[str]
+    problems: list[str]
+    stable: bool
+    debug_path: Path | None
+    note: str
+
+
+def _utc_ns(ns: int) -> str:
+    stamp = datetime.fromtimestamp(ns / 1e9, timezone.utc)
+    return stamp.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+
+def _fmt_snapshot(snap: Snapshot) -> str:
+    if not snap:
+        return "(no files)"
+    return ", ".join(f"{name}={size}B@{_utc_ns(mtime_ns)}" for name, (size, mtime_ns) in sorted(snap.items()))
+
+
+def forced_copy(
+    output_dir: Path,
+    base: Path,
+    copy_to: Path,
+    *,
+    since: float,
+    stability_seconds: float,
+    stability_retries: int,
+    prefix: str,
+    waited: float,
+    sleep: Sleep = time.sleep,
+) -> ForcedCopy:
+    """Copy the newest files matching the prefix once they hold still, and write a debug file saying what was seen."""
+    root = Path(os.path.realpath(output_dir))
+    lines = [
+        "Run Telemetry forced copy",
+        f"began: {format_utc(datetime.now(timezone.utc))}",
+        f"output dir: {root}",
+        f"prefix: {prefix!r} -> {base}",
+        f"no {base.name}.done or {base.name}.failed within {waited:.2f} s",
+        f"wait began: {format_utc(datetime.fromtimestamp(since, timezone.utc))}",
+        "",
+        "candidates (files in the prefix's folder starting with its name, markers and temp files excluded):",
+    ]
+    all_candidates = find_candidates(base)
+    lines += [
+        f"  {name}: {size} bytes, modified {_utc_ns(mtime)}"
+        for name, (size, mtime) in _snapshot(all_candidates).items()
+    ]
+    if not all_candidates:
+        lines.append("  (none)")
+    stable = False
+    selected: list[Path] = []
+    lines += ["", f"stability checks ({stability_seconds} s window, up to {stability_retries} tries):"]
+    for attempt in range(1, stability_retries + 1):
+        selected, rule = _select_newest(base, since)
+        before = _snapshot(selected)
+        sleep(stability_seconds)
+        selected, rule = _select_newest(base, since)
+        after = _snapshot(selected)
+        stable = before == after
+        changed = sorted(set(before.items()) ^ set(after.items()))
+        verdict = "stable" if stable else "changed: " + ", ".join(sorted({name for name, _ in changed}))
+        lines += [
+            f"  try {attempt}: {rule}",
+            f"    before: {_fmt_snapshot(before)}",
+            f"    after:  {_fmt_snapshot(after)}",
+            f"    -> {verdict}",
+        ]
+        if stable:
+            break
+    files = []
+    for path in selected:
+        real = Path(os.path.realpath(path))
+        try:
+            files.append((real, real.relative_to(root)))
+        except ValueError:
+            lines.append(f"  skipped {path}: outside the output folder")
+    copied, problems = _copy_all(files, copy_to)
+    lines += ["", "copied:"] + [f"  {item}" for item in copied] + [f"  PROBLEM: {item}" for item in problems]
+    if not copied:
+        lines.append("  (nothing)")
+    stability = "after a stable window" if stable else f"although they still changed after {stability_retries} tries"
+    note = f"no marker for {prefix!r} within {waited:.2f} s; force-copied {len(copied)} newest matching file(s) {stability}"
+    lines += ["", f"note: {note}"]
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    debug_path = copy_to / f"forced-copy-debug-{stamp}.txt"
+    try:
+        atomic_write(debug_path, ("\n".join(lines) + "\n").encode("utf-8"))
+    except MarkerWriteError as exc:
+        problems.append(str(exc))
+        return ForcedCopy(copied, problems, stable, None, note)
+    return ForcedCopy(copied, problems, stable, debug_path, note)
+
+
+# --- command handlers ---------------------------------------------------------------------------------------------
+
+
+def _check_output_dir(value: str) -> Path:
+    path = Path(value)
+    if not path.is_dir():
+        raise BadInputError(f"--output-dir {value!r} does not exist or is not a folder; pass ComfyUI's output folder")
+    return path
+
+
+def _emit(payload: BaseModel | dict[str, Any]) -> None:
+    if isinstance(payload, BaseModel):
+        text = payload.model_dump_json(by_alias=True)
+    else:
+        text = json.dumps(payload)
+    print(text, flush=True)
+
+
+def _fail_input(command: str, exc: Exception) -> int:
+    print(f"python -m telemetry {command}: {exc}", file=sys.stderr, flush=True)
+    return EXIT_BAD_INPUT
+
+
+def _validate_wait_args(args: argparse.Namespace) -> tuple[Path, Path, Path | None]:
+    output_dir = _check_output_dir(args.output_dir)
+    base = resolve_prefix(output_dir, args.prefix, input_name="--prefix")
+    if args.timeout < 0:
+        raise BadInputError(f"--timeout {args.timeout} is negative; give seconds to wait, 0 or more")
+    if args.poll_interval <= 0:
+        raise BadInputError(f"--poll-interval {args.poll_interval} must be above 0 seconds")
+    if args.stability_seconds < 0:
+        raise BadInputError(f"--stability-seconds {args.stability_seconds} is negative; give 0 or more")
+    if args.stability_retries < 1:
+        raise BadInputError(f"--stability-retries {args.stability_retries} must be at least 1")
+    copy_to = None
+    if args.copy_to is not None:
+        copy_to = Path(args.copy_to).absolute()
+        try:
+            copy_to.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BadInputError(
+                f"--copy-to {args.copy_to!r} cannot be used as a folder ({exc.strerror or exc}); pass a writable folder"
+            ) from exc
+    return output_dir, base, copy_to
+
+
+def wait_command(args: argparse.Namespace) -> int:
+    """Handler for ``wait``: wait for the marker, verify, copy, print one JSON object."""
+    try:
+        output_dir, base, copy_to = _validate_wait_args(args)
+    except (BadInputError, UnsafePrefixError) as exc:
+        return _fail_input("wait", exc)
+
+    started_wall = time.time()
+    done_path, failed_path = marker_paths(base)
+
+    def announce(watcher: str) -> None:
+        print(
+            f"waiting for {done_path} or {failed_path} (watcher: {watcher}, timeout {args.timeout} s)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    outcome = wait_for_marker(
+        base, timeout=args.timeout, poll_interval=args.poll_interval, watcher=args.watcher, on_ready=announce
+    )
+    report = WaitReport(
+        status="timeout",
+        wait_seconds=round(outcome.waited, 4),
+        watcher=outcome.watcher,
+        fallback_notes=list(outcome.notes),
+        marker_path=str(outcome.path) if outcome.path else None,
+    )
+
+    if outcome.path is None:
+        if copy_to is not None:
+            forced = forced_copy(
+                output_dir,
+                base,
+                copy_to,
+                since=started_wall,
+                stability_seconds=args.stability_seconds,
+                stability_retries=args.stability_retries,
+                prefix=args.prefix,
+                waited=outcome.waited,
+            )
+            report.forced_copy_triggered = True
+            report.forced_copy_debug_path = str(forced.debug_path) if forced.debug_path else None
+            report.copied = forced.copied
+            report.problems += forced.problems
+            report.fallback_notes.append(forced.note)
+        _emit(report)
+        return EXIT_TIMEOUT
+
+    if outcome.marker is None:
+        report.status = "invalid-marker"
+        report.problems.append(outcome.error or "unreadable marker")
+        _emit(report)
+        return EXIT_FAILED
+
+    report.marker = outcome.marker.model_dump(mode="json", by_alias=True)
+    if isinstance(outcome.marker, FailedMarker):
+        report.status = "failed"
+        _emit(report)
+        return EXIT_FAILED
+
+    check = verify_outputs(output_dir, outcome.marker.outputs, verify_hash=args.verify_hash)
+    report.fallback_notes += check.notes
+    report.problems += check.problems
+    report.verified = not check.problems
+    if check.problems:
+        report.status = "verification-failed"
+        _emit(report)
+        return EXIT_FAILED
+    if copy_to is not None:
+        report.copied, copy_problems = _copy_all(check.files, copy_to)
+        if copy_problems:
+            report.problems += copy_problems
+            report.status = "copy-failed"
+            _emit(report)
+            return EXIT_FAILED
+    report.status = "done"
+    _emit(report)
+    return EXIT_DONE
+
+
+def _list_outputs(output_dir: Path, base: Path) -> list[dict[str, str]]:
+    root = Path(os.path.realpath(output_dir))
+    subfolder = base.parent.relative_to(root).as_posix()
+    subfolder = "" if subfolder == "." else subfolder
+    return [{"filename": path.name, "subfolder": subfolder, "type": "output"} for path in find_candidates(base)]
+
+
+def write_marker_command(args: argparse.Namespace) -> int:
+    """Handler for ``write-marker``: write a done (or ``--failed``) marker for a prefix and print its path as JSON."""
+    try:
+        output_dir = _check_output_dir(args.output_dir)
+        base = resolve_prefix(output_dir, args.prefix, input_name="--prefix")
+        if args.frames is not None and args.frames < 0:
+            raise BadInputError(f"--frames {args.frames} is negative; give the number of frames written")
+        failed_only = [args.message, args.outcome, args.node, args.node_type]
+        if not args.failed and any(value is not None for value in failed_only):
+            raise BadInputError(
+                "--message, --outcome, --node and --node-type only apply with --failed; add --failed or drop them"
+            )
+    except (BadInputError, UnsafePrefixError) as exc:
+        return _fail_input("write-marker", exc)
+
+    try:
+        if args.failed:
+            failed = FailedMarker(
+                prefix=args.prefix,
+                prompt_id=args.prompt_id,
+                outcome=args.outcome or "error",
+                node=args.node,
+                node_type=args.node_type,
+                message=args.message or "",
+            )
+            result = write_failed_marker(output_dir, args.prefix, failed)
+            count = 0
+        else:
+            outputs = describe_outputs(output_dir, _list_outputs(output_dir, base), sha256=args.sha256)
+            done = DoneMarker(
+                prefix=args.prefix,
+                prompt_id=args.prompt_id,
+                frame_count=args.frames if args.frames is not None else len(outputs),
+                outputs=outputs,
+            )
+            result = write_done_marker(output_dir, args.prefix, done)
+            count = len(outputs)
+    except MarkerWriteError as exc:
+        print(f"python -m telemetry write-marker: {exc}", file=sys.stderr, flush=True)
+        return EXIT_FAILED
+    _emit(
+        {
+            "MarkerPath": str(result.path),
+            "Kind": "failed" if args.failed else "done",
+            "Outputs": count,
+            "FallbackNote": result.fallback_note,
+        }
+    )
+    return EXIT_DONE
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    """Add the ``wait`` and ``write-marker`` sub-commands."""
+    wait = subparsers.add_parser(
+        "wait",
+        help="wait for <prefix>.done or .failed, verify and copy the outputs",
+        description=(
+            "Wait for <prefix>.done or <prefix>.failed under the output folder, verify the listed outputs and "
+            "print one JSON object. Exit 0 done, 1 failed or not verified, 2 bad input, 3 timed out."
+        ),
+    )
+    wait.add_argument("--output-dir", required=True, help="ComfyUI's output folder")
+    wait.add_argument("--prefix", required=True, help="the filename_prefix the marker was written for")
+    wait.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
+    wait.add_argument("--poll-interval", type=float, default=0.05, help="seconds between polls without inotify")
+    wait.add_argument("--copy-to", help="copy the outputs here, keeping sub-folders; on timeout, force-copy")
+    wait.add_argument("--stability-seconds", type=float, default=2.0, help="forced copy: window files must hold still")
+    wait.add_argument("--stability-retries", type=int, default=3, help="forced copy: how many windows to try")
+    wait.add_argument("--verify-hash", action="store_true", help="also check each output's Sha256 when recorded")
+    wait.add_argument(
+        "--watcher", choices=["auto", "poll"], default="auto", help="auto uses inotify on Linux; poll never does"
+    )
+    wait.set_defaults(func=wait_command)
+
+    write = subparsers.add_parser(
+        "write-marker",
+        help="write <prefix>.done (or .failed) for a script's outputs",
+        description=(
+            "Write <prefix>.done atomically, listing the files beside it whose names start with the prefix as its "
+            "Outputs (FrameCount is --frames, else their number); with --failed write <prefix>.failed instead."
+        ),
+    )
+    write.add_argument("--output-dir", required=True, help="the output folder the prefix is relative to")
+    write.add_argument("--prefix", required=True, help="the prefix, relative to --output-dir")
+    write.add_argument("--frames", type=int, help="FrameCount to record (default: the number of matching files)")
+    write.add_argument("--sha256", action="store_true", help="record each output's sha256")
+    write.add_argument("--prompt-id", help="PromptId to record")
+    write.add_argument("--failed", action="store_true", help="write a .failed marker instead")
+    write.add_argument("--message", help="with --failed: what went wrong")
+    write.add_argument("--outcome", choices=["error", "interrupted"], help="with --failed: default error")
+    write.add_argument("--node", help="with --failed: the node id that failed")
+    write.add_argument("--node-type", help="with --failed: that node's class")
+    write.set_defaults(func=write_marker_command)

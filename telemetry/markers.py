@@ -1,0 +1,266 @@
+"""Done and failed markers: the models, and a writer that never leaves a partial or stale marker.
+
+A marker is ``<output_dir>/<prefix>.done`` or ``<output_dir>/<prefix>.failed``, JSON with PascalCase fields.
+Writing one removes the other first, so a watcher never sees a fresh ``.done`` beside a stale ``.failed``;
+it also removes temp files abandoned by killed writers (see :func:`telemetry.atomic.remove_stale_temps`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_serializer
+
+from .atomic import AtomicWriteResult, MarkerWriteError, atomic_write, remove_stale_temps
+from .paths import resolve_prefix
+
+logger = logging.getLogger("run_telemetry.markers")
+
+SCHEMA_VERSION = 1
+DONE_SUFFIX = ".done"
+FAILED_SUFFIX = ".failed"
+MARKER_SUFFIXES = (DONE_SUFFIX, FAILED_SUFFIX)
+HASH_CHUNK = 1024 * 1024
+
+
+def utc_now() -> datetime:
+    """The current time as an aware UTC datetime."""
+    return datetime.now(timezone.utc)
+
+
+def format_utc(value: datetime) -> str:
+    """ISO 8601 in UTC with a ``Z`` suffix and millisecond precision."""
+    return value.astimezone(timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+class _Record(BaseModel):
+    # Readers ignore fields a newer writer added; both the PascalCase alias and the Python name are accepted.
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+
+
+class OutputFile(_Record):
+    """One file a prompt produced, as ComfyUI's UI output names it, with its size and optional hash."""
+
+    filename: str = Field(alias="Filename")
+    subfolder: str = Field("", alias="Subfolder")
+    folder_type: str = Field("output", alias="Type")
+    size_bytes: int | None = Field(None, alias="Bytes", ge=0)
+    sha256: str | None = Field(None, alias="Sha256")
+    missing: bool = Field(False, alias="Missing")
+
+
+class MarkerTelemetry(_Record):
+    """The run figures a marker carries; every field may be unknown."""
+
+    duration_seconds: float | None = Field(None, alias="DurationSeconds")
+    vram_before_mb: float | None = Field(None, alias="VramBeforeMB")
+    vram_after_mb: float | None = Field(None, alias="VramAfterMB")
+    vram_delta_mb: float | None = Field(None, alias="VramDeltaMB")
+    gpu: str | None = Field(None, alias="Gpu")
+
+
+class _MarkerBase(_Record):
+    schema_version: int = Field(SCHEMA_VERSION, alias="SchemaVersion")
+    # Narrowed to a Literal by each marker; declared here so "Kind" comes second in the JSON.
+    kind: str = Field(alias="Kind")
+    timestamp: AwareDatetime = Field(default_factory=utc_now, alias="Timestamp")
+    prompt_id: str | None = Field(None, alias="PromptId")
+    prefix: str = Field(alias="Prefix")
+
+    @field_serializer("timestamp")
+    def _serialize_timestamp(self, value: datetime) -> str:
+        return format_utc(value)
+
+
+class DoneMarker(_MarkerBase):
+    """Written when every output of a prompt is on disk."""
+
+    kind: Literal["done"] = Field("done", alias="Kind")
+    frame_count: int = Field(0, alias="FrameCount", ge=0)
+    outputs: list[OutputFile] = Field(default_factory=list, alias="Outputs")
+    telemetry: MarkerTelemetry | None = Field(None, alias="Telemetry")
+
+
+class FailedMarker(_MarkerBase):
+    """Written when a prompt ended with an error or was interrupted."""
+
+    kind: Literal["failed"] = Field("failed", alias="Kind")
+    outcome: Literal["error", "interrupted"] = Field("error", alias="Outcome")
+    node: str | None = Field(None, alias="Node")
+    node_type: str | None = Field(None, alias="NodeType")
+    message: str = Field("", alias="Message")
+    telemetry: MarkerTelemetry | None = Field(None, alias="Telemetry")
+
+
+Marker = Annotated[DoneMarker | FailedMarker, Field(discriminator="kind")]
+_MARKER_ADAPTER: TypeAdapter[DoneMarker | FailedMarker] = TypeAdapter(Marker)
+
+
+class MarkerReadError(ValueError):
+    """A marker file that is not valid JSON or not a valid marker; the message names the path."""
+
+    def __init__(self, path: Path, reason: str) -> None:
+        super().__init__(f"marker {path} is not a valid marker: {reason}")
+        self.path = path
+
+
+def marker_bytes(marker: DoneMarker | FailedMarker) -> bytes:
+    """The marker as the file holds it: PascalCase JSON, indent 2, trailing newline."""
+    return (marker.model_dump_json(by_alias=True, indent=2) + "\n").encode("utf-8")
+
+
+def parse_marker(data: bytes | str, *, source: Path | None = None) -> DoneMarker | FailedMarker:
+    """Parse marker JSON, raising :class:`MarkerReadError` with a clear reason."""
+    where = source or Path("<memory>")
+    try:
+        raw = json.loads(data)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise MarkerReadError(where, f"malformed JSON ({exc})") from exc
+    if not isinstance(raw, dict):
+        raise MarkerReadError(where, f"expected a JSON object, found {type(raw).__name__}")
+    try:
+        return _MARKER_ADAPTER.validate_python(raw)
+    except ValidationError as exc:
+        problems = "; ".join(f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors())
+        raise MarkerReadError(where, problems) from exc
+
+
+def read_marker(path: str | Path) -> DoneMarker | FailedMarker:
+    """Read and validate one marker file; OSError if unreadable, :class:`MarkerReadError` if invalid."""
+    path = Path(path)
+    return parse_marker(path.read_bytes(), source=path)
+
+
+def marker_paths(base: Path) -> tuple[Path, Path]:
+    """The ``.done`` and ``.failed`` paths for a resolved prefix base path."""
+    return base.with_name(base.name + DONE_SUFFIX), base.with_name(base.name + FAILED_SUFFIX)
+
+
+def _within(path: Path, root: Path) -> bool:
+    try:
+        path.relative_to(root)
+    except ValueError:
+        return False
+    return True
+
+
+def sha256_file(path: Path) -> str:
+    """The hex sha256 of a file, read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        while chunk := handle.read(HASH_CHUNK):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def describe_outputs(
+    output_dir: str | Path,
+    items: Sequence[Mapping[str, Any]],
+    *,
+    sha256: bool,
+    roots: Mapping[str, str | Path] | None = None,
+) -> list[OutputFile]:
+    """Measure ComfyUI UI output entries ``{"filename", "subfolder", "type"}``; missing files get ``Missing``.
+
+    ``type`` "output" resolves under ``output_dir``; other types resolve under ``roots[type]`` when given.
+    An entry whose path would leave its root is reported as missing rather than measured.
+    """
+    all_roots: dict[str, Path] = {key: Path(os.path.realpath(value)) for key, value in (roots or {}).items()}
+    all_roots.setdefault("output", Path(os.path.realpath(output_dir)))
+    described: list[OutputFile] = []
+    for item in items:
+        entry = OutputFile(
+            filename=str(item.get("filename", "")),
+            subfolder=str(item.get("subfolder", "") or ""),
+            folder_type=str(item.get("type", "output") or "output"),
+        )
+        root = all_roots.get(entry.folder_type)
+        if root is None or not entry.filename:
+            logger.warning("cannot measure output %r: no folder known for type %r", entry.filename, entry.folder_type)
+            described.append(entry.model_copy(update={"missing": True}))
+            continue
+        path = Path(os.path.realpath(root / entry.subfolder / entry.filename))
+        if not _within(path, root):
+            logger.warning("output %r/%r leaves its folder %s; not measured", entry.subfolder, entry.filename, root)
+            described.append(entry.model_copy(update={"missing": True}))
+            continue
+        try:
+            size = path.stat().st_size
+            digest = sha256_file(path) if sha256 else None
+        except OSError as exc:
+            logger.warning("output %s is missing or unreadable: %s", path, exc)
+            described.append(entry.model_copy(update={"missing": True}))
+            continue
+        described.append(entry.model_copy(update={"size_bytes": size, "sha256": digest}))
+    return described
+
+
+def _remove(path: Path) -> bool:
+    # Linux reports EROFS for unlinking even a missing file on a read-only mount: look first.
+    if not os.path.lexists(path):
+        return False
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise MarkerWriteError(exc.errno, f"could not remove {path}: {exc.strerror or exc}", path) from exc
+    return True
+
+
+def clear_markers(output_dir: str | Path, prefix: str) -> list[Path]:
+    """Remove ``<prefix>.done`` and ``<prefix>.failed`` (only those two, and stale temps); return what was removed."""
+    base = resolve_prefix(output_dir, prefix)
+    removed = [path for path in marker_paths(base) if _remove(path)]
+    for path in marker_paths(base):
+        remove_stale_temps(path)
+    return removed
+
+
+def _write_marker(
+    output_dir: str | Path, prefix: str, marker: DoneMarker | FailedMarker, **atomic_kwargs: Any
+) -> AtomicWriteResult:
+    base = resolve_prefix(output_dir, prefix)
+    done_path, failed_path = marker_paths(base)
+    target, other = (done_path, failed_path) if marker.kind == "done" else (failed_path, done_path)
+    try:
+        base.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise MarkerWriteError(
+            exc.errno, f"could not create the folder {base.parent}: {exc.strerror or exc}", base.parent
+        ) from exc
+    # Re-check after mkdir: a symlink swapped in meanwhile must not carry the marker out of the folder.
+    if resolve_prefix(output_dir, prefix) != base:
+        raise MarkerWriteError(None, f"the folder of {target} changed while writing; not written", target)
+    remove_stale_temps(target)
+    # The opposite marker goes first, so there is never a moment with both a fresh and a stale marker.
+    if _remove(other):
+        logger.info("removed stale marker %s", other)
+    result = atomic_write(target, marker_bytes(marker), **atomic_kwargs)
+    logger.info("wrote %s marker %s", marker.kind, target)
+    return result
+
+
+def write_done_marker(
+    output_dir: str | Path, prefix: str, marker: DoneMarker, **atomic_kwargs: Any
+) -> AtomicWriteResult:
+    """Write ``<prefix>.done`` atomically under ``output_dir`` (removing a stale ``.failed``)."""
+    if not isinstance(marker, DoneMarker):
+        raise TypeError(f"write_done_marker needs a DoneMarker, not {type(marker).__name__}")
+    return _write_marker(output_dir, prefix, marker, **atomic_kwargs)
+
+
+def write_failed_marker(
+    output_dir: str | Path, prefix: str, marker: FailedMarker, **atomic_kwargs: Any
+) -> AtomicWriteResult:
+    """Write ``<prefix>.failed`` atomically under ``output_dir`` (removing a stale ``.done``)."""
+    if not isinstance(marker, FailedMarker):
+        raise TypeError(f"write_failed_marker needs a FailedMarker, not {type(marker).__name__}")
+    return _write_marker(output_dir, prefix, marker, **atomic_kwargs)

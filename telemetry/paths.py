@@ -1,0 +1,123 @@
+"""Path guards for names that come from a workflow or a command line: prefixes and ids.
+
+A prefix is checked against the rules of every OS, not just the one we run on, because a workflow written on
+Windows is often run on Linux and the other way round.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import unicodedata
+from pathlib import Path
+
+_DRIVE_RE = re.compile(r"^[A-Za-z]:")
+_SEPARATORS_RE = re.compile(r"[\\/]")
+_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+# Windows maps these names (with any extension) to devices in every folder.
+_RESERVED_NAMES = frozenset(
+    ["CON", "PRN", "AUX", "NUL", "CONIN$", "CONOUT$"]
+    + [f"{stem}{n}" for stem in ("COM", "LPT") for n in "123456789\u00b9\u00b2\u00b3"]
+)
+
+
+class UnsafePrefixError(ValueError):
+    """A prefix that is empty, absolute or would leave the output folder; the message names the input and the fix."""
+
+
+def _refuse(input_name: str, prefix: str, why: str, fix: str) -> UnsafePrefixError:
+    return UnsafePrefixError(f"{input_name} {prefix!r} {why}; {fix}")
+
+
+def _check_text(prefix: str, input_name: str) -> list[str]:
+    """Apply the OS-independent rules and return the segments split on both kinds of separator."""
+    relative_fix = "give a path relative to ComfyUI's output folder, such as 'scene01/frame'"
+    if not prefix.strip():
+        raise _refuse(input_name, prefix, "is empty", f"{relative_fix}")
+    for index, char in enumerate(prefix):
+        if unicodedata.category(char) == "Cc":
+            raise _refuse(
+                input_name,
+                prefix,
+                f"contains a control character ({ord(char):#04x}) at position {index}",
+                "remove it",
+            )
+    if _DRIVE_RE.match(prefix):
+        raise _refuse(input_name, prefix, "is an absolute path or has a drive letter", relative_fix)
+    if prefix[0] in "/\\":
+        raise _refuse(input_name, prefix, "is an absolute path (it starts with a path separator)", relative_fix)
+    if prefix[-1] in "/\\":
+        raise _refuse(
+            input_name,
+            prefix,
+            "ends with a path separator, so it names a folder, not a file",
+            "add a file name after it, such as 'scene01/frame'",
+        )
+    segments = _SEPARATORS_RE.split(prefix)
+    for segment in segments:
+        # Windows drops trailing dots and spaces, so '.. ' and '...' can act as '..' there.
+        if segment and segment != "." and not segment.rstrip(". "):
+            raise _refuse(
+                input_name,
+                prefix,
+                f"has a {segment!r} segment that climbs out of the folder",
+                "remove the '..' parts and give a path inside ComfyUI's output folder",
+            )
+        stem = segment.split(".", 1)[0].rstrip(" ").upper()
+        if stem in _RESERVED_NAMES:
+            raise _refuse(
+                input_name, prefix, f"uses {segment!r}, a reserved device name on Windows", "choose another name"
+            )
+    if segments[-1] == ".":
+        raise _refuse(
+            input_name,
+            prefix,
+            "names the output folder itself, not a file",
+            "add a file name, such as 'scene01/frame'",
+        )
+    return segments
+
+
+def _is_within(child: str, parent: str) -> bool:
+    child_n, parent_n = os.path.normcase(child), os.path.normcase(parent)
+    try:
+        return os.path.commonpath([child_n, parent_n]) == parent_n
+    except ValueError:
+        # Different drives on Windows.
+        return False
+
+
+def resolve_prefix(output_dir: str | Path, prefix: str, *, input_name: str = "filename_prefix") -> Path:
+    """The absolute, symlink-resolved base path for ``prefix`` inside ``output_dir``, or :class:`UnsafePrefixError`."""
+    if not isinstance(prefix, str):
+        raise UnsafePrefixError(f"{input_name} must be text, not {type(prefix).__name__}; give a relative file name")
+    segments = _check_text(prefix, input_name)
+    # Join with the native separator rules so the marker lands beside what ComfyUI itself saves for this prefix.
+    native = segments if os.name == "nt" else prefix.split("/")
+    parts = [part for part in native if part not in ("", ".")]
+    root = os.path.realpath(os.fspath(output_dir))
+    candidate = os.path.join(root, *parts)
+    real_parent = os.path.realpath(os.path.dirname(candidate))
+    if not _is_within(real_parent, root):
+        raise _refuse(
+            input_name,
+            prefix,
+            f"leads through a symlink to {real_parent}, outside the output folder {root}",
+            "give a path whose folders are inside ComfyUI's output folder",
+        )
+    return Path(real_parent) / os.path.basename(candidate)
+
+
+def safe_id(value: str, *, input_name: str) -> str:
+    """Return ``value`` when it is a safe run or scene id, else raise ValueError naming ``input_name`` and why."""
+    if not isinstance(value, str) or not value:
+        raise ValueError(f"{input_name} is empty; give 1-128 letters, digits, '.', '_' or '-'")
+    if len(value) > 128:
+        raise ValueError(f"{input_name} {value[:32]!r}... is {len(value)} characters long; use at most 128")
+    if not _ID_RE.fullmatch(value):
+        raise ValueError(
+            f"{input_name} {value!r} must start with a letter or digit and contain only letters, digits, '.', '_' or '-'"
+        )
+    if ".." in value:
+        raise ValueError(f"{input_name} {value!r} contains '..'; remove it")
+    return value

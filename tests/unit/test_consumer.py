@@ -1,0 +1,380 @@
+"""The consumer CLI as real processes: ``python -m telemetry wait`` with markers written by another process."""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from telemetry import consumer
+from telemetry.consumer import find_candidates, wait_for_marker
+from telemetry.markers import DoneMarker, FailedMarker, marker_bytes, marker_paths
+
+REPO = Path(__file__).resolve().parents[2]
+HELPERS = Path(__file__).resolve().parent / "helpers"
+
+
+def cli(*args: str) -> list[str]:
+    """The command line for ``python -m telemetry ARGS``."""
+    return [sys.executable, "-m", "telemetry", *args]
+
+
+def run(*args: str, timeout: float = 30) -> subprocess.CompletedProcess[str]:
+    """Run the CLI to completion from the repo, as a user would."""
+    return subprocess.run(cli(*args), cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+@dataclass
+class Waiter:
+    """A running ``wait`` process whose stderr announced that the watch is in place."""
+
+    proc: subprocess.Popen[str]
+    announcement: str
+
+    def finish(self, timeout: float = 30) -> tuple[int, dict[str, object], str]:
+        """Wait for exit; return the exit code, the one JSON object on stdout, and the rest of stderr."""
+        out, err = self.proc.communicate(timeout=timeout)
+        lines = [line for line in out.splitlines() if line.strip()]
+        assert len(lines) == 1, out
+        return self.proc.returncode, json.loads(lines[0]), err
+
+
+@pytest.fixture()
+def start_wait() -> Iterator[object]:
+    """Start ``wait`` and block (with a deadline) until it says it is watching; kill leftovers at teardown."""
+    started: list[subprocess.Popen[str]] = []
+
+    def start(*args: str) -> Waiter:
+        proc = subprocess.Popen(cli("wait", *args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        started.append(proc)
+        assert proc.stderr is not None
+        ready, _, _ = select.select([proc.stderr], [], [], 20)
+        assert ready, "wait did not announce itself within 20 s"
+        line = proc.stderr.readline()
+        assert line.startswith("waiting for "), line
+        return Waiter(proc, line)
+
+    yield start
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+
+@pytest.fixture()
+def output(tmp_path: Path) -> Path:
+    """An output folder with two frames of a scene and an unrelated file."""
+    out = tmp_path / "output"
+    (out / "scene").mkdir(parents=True)
+    (out / "scene" / "frame_00001_.png").write_bytes(os.urandom(3000))
+    (out / "scene" / "frame_00002_.png").write_bytes(os.urandom(5000))
+    (out / "scene" / "other_00001_.png").write_bytes(b"other")
+    return out
+
+
+def write_marker(output: Path, *args: str) -> dict[str, object]:
+    """Write a marker from a separate process with the ``write-marker`` sub-command."""
+    result = run("write-marker", "--output-dir", str(output), *args)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+# --- done, failed, timeout ------------------------------------------------------------------------------------------
+
+
+def test_done_marker_written_later_is_verified_and_copied(output: Path, tmp_path: Path, start_wait) -> None:
+    """wait (inotify) → another process writes the .done → exit 0, outputs verified by hash and copied whole."""
+    copy_to = tmp_path / "copy"
+    waiter = start_wait(
+        "--output-dir", str(output), "--prefix", "scene/frame", "--timeout", "20", "--copy-to", str(copy_to),
+        "--verify-hash",
+    )  # fmt: skip
+    assert "watcher: inotify" in waiter.announcement
+    assert not (output / "scene" / "frame.done").exists()
+    written = write_marker(output, "--prefix", "scene/frame", "--sha256", "--prompt-id", "p-1")
+    code, report, _ = waiter.finish()
+    assert code == 0, report
+    assert report["Status"] == "done"
+    assert report["Verified"] is True
+    assert report["MarkerPath"] == written["MarkerPath"]
+    assert report["Marker"]["PromptId"] == "p-1"
+    assert report["Marker"]["FrameCount"] == 2
+    assert report["ForcedCopyTriggered"] is False
+    assert report["WaitSeconds"] > 0
+    assert sorted(report["Copied"]) == [str(copy_to / "scene" / f"frame_0000{i}_.png") for i in (1, 2)]
+    for name in ("frame_00001_.png", "frame_00002_.png"):
+        assert (copy_to / "scene" / name).read_bytes() == (output / "scene" / name).read_bytes()
+    assert sorted(os.listdir(copy_to / "scene")) == ["frame_00001_.png", "frame_00002_.png"]
+
+
+def test_done_marker_in_a_folder_created_after_the_wait_began(tmp_path: Path, start_wait) -> None:
+    """The marker's sub-folder does not exist yet: the waiter polls for it, then watches it."""
+    out = tmp_path / "output"
+    out.mkdir()
+    waiter = start_wait("--output-dir", str(out), "--prefix", "late/sub/frame", "--timeout", "20")
+    (out / "late" / "sub").mkdir(parents=True)
+    (out / "late" / "sub" / "frame_1.png").write_bytes(b"x" * 10)
+    write_marker(out, "--prefix", "late/sub/frame", "--frames", "7")
+    code, report, _ = waiter.finish()
+    assert code == 0, report
+    assert report["Marker"]["FrameCount"] == 7
+    assert [o["Filename"] for o in report["Marker"]["Outputs"]] == ["frame_1.png"]
+
+
+def test_failed_marker_written_later_exits_1(output: Path, start_wait) -> None:
+    """wait (polling) → another process writes .failed → exit 1 with the marker's message."""
+    waiter = start_wait("--output-dir", str(output), "--prefix", "scene/frame", "--timeout", "20", "--watcher", "poll")
+    assert "watcher: poll" in waiter.announcement
+    write_marker(output, "--prefix", "scene/frame", "--failed", "--message", "node 4 ran out of memory", "--node", "4")
+    code, report, _ = waiter.finish()
+    assert code == 1
+    assert report["Status"] == "failed"
+    assert report["Marker"]["Message"] == "node 4 ran out of memory"
+    assert report["Marker"]["Node"] == "4"
+    assert report["Copied"] == []
+
+
+def test_timeout_without_copy_exits_3(output: Path) -> None:
+    """No marker and no --copy-to: exit 3 after the timeout, nothing forced."""
+    result = run("wait", "--output-dir", str(output), "--prefix", "scene/frame", "--timeout", "0.3")
+    assert result.returncode == 3, result.stderr
+    report = json.loads(result.stdout)
+    assert report["Status"] == "timeout"
+    assert report["ForcedCopyTriggered"] is False
+    assert report["ForcedCopyDebugPath"] is None
+    assert report["WaitSeconds"] >= 0.3
+
+
+# --- verification ---------------------------------------------------------------------------------------------------
+
+
+def test_size_mismatch_fails_verification_and_copies_nothing(output: Path, tmp_path: Path) -> None:
+    """A frame that changed size after the marker: exit 1, 'verification-failed', the problem named."""
+    write_marker(output, "--prefix", "scene/frame")
+    (output / "scene" / "frame_00002_.png").write_bytes(b"short")
+    copy_to = tmp_path / "copy"
+    result = run("wait", "--output-dir", str(output), "--prefix", "scene/frame", "--copy-to", str(copy_to))
+    assert result.returncode == 1
+    report = json.loads(result.stdout)
+    assert report["Status"] == "verification-failed"
+    assert report["Verified"] is False
+    assert report["Problems"] == ["'scene/frame_00002_.png' is 5 bytes, the marker says 5000"]
+    assert report["Copied"] == []
+    assert list(copy_to.iterdir()) == []
+
+
+def test_missing_output_fails_verification(output: Path) -> None:
+    """A listed frame that was deleted: exit 1 naming it."""
+    write_marker(output, "--prefix", "scene/frame")
+    (output / "scene" / "frame_00001_.png").unlink()
+    result = run("wait", "--output-dir", str(output), "--prefix", "scene/frame")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["Problems"] == ["'scene/frame_00001_.png' does not exist"]
+
+
+def test_same_size_corruption_is_caught_only_with_verify_hash(output: Path) -> None:
+    """Same size, different bytes: passes on size alone, fails with --verify-hash."""
+    write_marker(output, "--prefix", "scene/frame", "--sha256")
+    frame = output / "scene" / "frame_00001_.png"
+    frame.write_bytes(bytes(len(frame.read_bytes())))
+    assert run("wait", "--output-dir", str(output), "--prefix", "scene/frame").returncode == 0
+    result = run("wait", "--output-dir", str(output), "--prefix", "scene/frame", "--verify-hash")
+    assert result.returncode == 1
+    assert json.loads(result.stdout)["Problems"] == ["'scene/frame_00001_.png' does not match the marker's Sha256"]
+
+
+# --- forced copy on timeout -----------------------------------------------------------------------------------------
+
+
+def test_forced_copy_on_timeout_copies_newest_matching_files(output: Path, tmp_path: Path) -> None:
+    """Timeout with --copy-to: the new matching frames are copied after a stable window, with a debug file; exit 3."""
+    scene = output / "scene"
+    old = scene / "frame_old.png"
+    old.write_bytes(b"from an earlier run")
+    an_hour_ago = time.time() - 3600
+    os.utime(old, (an_hour_ago, an_hour_ago))
+    (scene / ".frame.done.4242.0badc0de.tmp").write_bytes(b"{partial")
+    (scene / "frame_00003_.png.tmp").write_bytes(b"half")
+    copy_to = tmp_path / "copy"
+    started = time.time()
+    # The frames fixture files were written just before the wait; they count as this run's.
+    result = run(
+        "wait", "--output-dir", str(output), "--prefix", "scene/frame", "--timeout", "0.3",
+        "--copy-to", str(copy_to), "--stability-seconds", "0.2", "--stability-retries", "3",
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    report = json.loads(result.stdout)
+    assert report["Status"] == "timeout"
+    assert report["ForcedCopyTriggered"] is True
+    assert sorted(report["Copied"]) == [str(copy_to / "scene" / f"frame_0000{i}_.png") for i in (1, 2)]
+    for name in ("frame_00001_.png", "frame_00002_.png"):
+        assert (copy_to / "scene" / name).read_bytes() == (scene / name).read_bytes()
+    debug = Path(report["ForcedCopyDebugPath"])
+    assert debug.parent == copy_to
+    assert debug.name.startswith("forced-copy-debug-") and debug.name.endswith("Z.txt")
+    text = debug.read_text()
+    for expected in ("frame_00001_.png: 3000 bytes", "frame_00002_.png: 5000 bytes", "frame_old.png", "-> stable"):
+        assert expected in text, text
+    assert "frame_00003_.png.tmp" not in text and ".frame.done" not in text.split("candidates")[1]
+    assert "other_00001_.png" not in text
+    assert any("force-copied 2 newest matching file(s) after a stable window" in n for n in report["FallbackNotes"])
+    assert sorted(os.listdir(copy_to)) == [debug.name, "scene"]
+    assert time.time() - started < 10
+
+
+def test_forced_copy_reports_files_that_never_hold_still(output: Path, tmp_path: Path) -> None:
+    """A frame still growing through every stability window is reported as changing in the debug file and note."""
+    growing = output / "scene" / "frame_00003_.png"
+    growing.write_bytes(b"")
+    stop = tmp_path / "stop-growing"
+    grower = subprocess.Popen([sys.executable, str(HELPERS / "grow_file.py"), str(growing), str(stop)])
+    try:
+        deadline = time.monotonic() + 20
+        while growing.stat().st_size < 3:
+            assert time.monotonic() < deadline, "the grower never started"
+            time.sleep(0.005)
+        copy_to = tmp_path / "copy"
+        result = run(
+            "wait", "--output-dir", str(output), "--prefix", "scene/frame", "--timeout", "0.1",
+            "--copy-to", str(copy_to), "--stability-seconds", "0.15", "--stability-retries", "2",
+        )  # fmt: skip
+    finally:
+        stop.touch()
+        grower.wait(timeout=20)
+    assert result.returncode == 3
+    report = json.loads(result.stdout)
+    text = Path(report["ForcedCopyDebugPath"]).read_text()
+    assert text.count("-> changed: frame_00003_.png") == 2, text
+    assert "-> stable" not in text
+    assert any("still changed after 2 tries" in n for n in report["FallbackNotes"])
+    assert str(copy_to / "scene" / "frame_00003_.png") in report["Copied"]
+
+
+# --- bad input ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["wait", "--prefix", "../x"], "--prefix '../x' has a '..' segment"),
+        (["wait", "--prefix", "/etc/passwd"], "is an absolute path"),
+        (["wait", "--prefix", "C:\\x"], "drive letter"),
+        (["wait", "--prefix", "x", "--timeout", "-1"], "--timeout -1.0 is negative"),
+        (["wait", "--prefix", "x", "--poll-interval", "0"], "--poll-interval"),
+        (["wait", "--prefix", "x", "--stability-retries", "0"], "--stability-retries"),
+        (["write-marker", "--prefix", "a\\..\\..\\x"], "'..' segment"),
+        (["write-marker", "--prefix", "x", "--message", "m"], "only apply with --failed"),
+        (["write-marker", "--prefix", "x", "--frames", "-2"], "--frames -2 is negative"),
+    ],
+)
+def test_bad_input_exits_2_with_one_sentence(output: Path, args: list[str], fragment: str) -> None:
+    """User mistakes: exit 2, one line on stderr naming the input, nothing on stdout, no traceback, nothing written."""
+    before = sorted(p.name for p in output.rglob("*"))
+    result = run(args[0], "--output-dir", str(output), *args[1:])
+    assert result.returncode == 2
+    assert result.stdout == ""
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert fragment in result.stderr
+    assert "Traceback" not in result.stderr
+    assert sorted(p.name for p in output.rglob("*")) == before
+
+
+@pytest.mark.parametrize("command", ["wait", "write-marker"])
+def test_missing_output_dir_exits_2(tmp_path: Path, command: str) -> None:
+    """A missing output folder is named, with the fix."""
+    result = run(command, "--output-dir", str(tmp_path / "nope"), "--prefix", "x")
+    assert result.returncode == 2
+    assert result.stderr.strip() == (
+        f"python -m telemetry {command}: --output-dir '{tmp_path / 'nope'}' does not exist or is not a folder; "
+        "pass ComfyUI's output folder"
+    )
+
+
+# --- the waiting loop in-process (fake clock) -----------------------------------------------------------------------
+
+
+class FakeTime:
+    """A clock that only moves when the code under test sleeps."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.on_sleep: list[object] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += seconds
+        for action in list(self.on_sleep):
+            action(self.now)  # type: ignore[operator]
+
+
+def test_invalid_marker_is_reported_after_a_grace_period(tmp_path: Path) -> None:
+    """A .done that never parses is reported as invalid once the grace period has passed, not before."""
+    (tmp_path / "frame.done").write_text("{not json")
+    fake = FakeTime()
+    outcome = wait_for_marker(
+        tmp_path / "frame", timeout=60, poll_interval=0.1, watcher="poll", clock=fake.clock, sleep=fake.sleep
+    )
+    assert outcome.marker is None
+    assert outcome.error is not None and "malformed JSON" in outcome.error
+    assert consumer.INVALID_MARKER_GRACE_SECONDS <= outcome.waited < consumer.INVALID_MARKER_GRACE_SECONDS + 0.2
+
+
+def test_marker_completed_within_the_grace_period_is_used(tmp_path: Path) -> None:
+    """A torn marker (the Windows fallback mid-write) that becomes whole in time is read normally."""
+    path = tmp_path / "frame.done"
+    path.write_text("{")
+    fake = FakeTime()
+
+    def complete(now: float) -> None:
+        if now >= 0.5:
+            path.write_bytes(marker_bytes(DoneMarker(Prefix="frame", FrameCount=3)))
+
+    fake.on_sleep.append(complete)
+    outcome = wait_for_marker(
+        tmp_path / "frame", timeout=60, poll_interval=0.1, watcher="poll", clock=fake.clock, sleep=fake.sleep
+    )
+    assert isinstance(outcome.marker, DoneMarker)
+    assert outcome.marker.frame_count == 3
+
+
+def test_newer_of_two_markers_wins_with_a_note(tmp_path: Path) -> None:
+    """With both .done and .failed present the newer one is used, and the note says so."""
+    done, failed = marker_paths(tmp_path / "frame")
+    done.write_bytes(marker_bytes(DoneMarker(Prefix="frame")))
+    failed.write_bytes(marker_bytes(FailedMarker(Prefix="frame", Message="new")))
+    os.utime(done, (1_000_000, 1_000_000))
+    outcome = wait_for_marker(tmp_path / "frame", timeout=0, poll_interval=0.1, watcher="poll")
+    assert outcome.path == failed
+    assert outcome.notes == ["both frame.failed and frame.done exist; used the newer, frame.failed"]
+
+
+def test_marker_kind_must_match_its_file_name(tmp_path: Path) -> None:
+    """A .done file holding a failed marker is invalid, not silently a success or a failure."""
+    (tmp_path / "frame.done").write_bytes(marker_bytes(FailedMarker(Prefix="frame")))
+    fake = FakeTime()
+    outcome = wait_for_marker(
+        tmp_path / "frame", timeout=60, poll_interval=0.1, watcher="poll", clock=fake.clock, sleep=fake.sleep
+    )
+    assert outcome.error is not None and "says Kind 'failed'" in outcome.error
+
+
+def test_find_candidates_excludes_markers_temps_and_other_prefixes(tmp_path: Path) -> None:
+    """Candidates start with the prefix's name and are regular files; markers, temps and links are left out."""
+    names = ["frame_1.png", "frame.mp4", "frame.done", "frame.failed", ".frame.done.1.0badc0de.tmp", "frame_2.tmp"]
+    for name in [*names, "other.png"]:
+        (tmp_path / name).write_bytes(b"x")
+    (tmp_path / "frame_dir").mkdir()
+    (tmp_path / "frame_link.png").symlink_to(tmp_path / "other.png")
+    assert [p.name for p in find_candidates(tmp_path / "frame")] == ["frame.mp4", "frame_1.png"]
+    (tmp_path / ".hidden_1.png").write_bytes(b"x")
+    assert [p.name for p in find_candidates(tmp_path / ".hidden")] == [".hidden_1.png"]
