@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import sys
 import threading
 import time
 from typing import Any
@@ -21,6 +22,10 @@ def install() -> runtime.Runtime | None:
         rt = runtime.get()
         if rt is not None:
             return rt
+        if "execution" not in sys.modules or "server" not in sys.modules:
+            # Imported outside ComfyUI (tests, tools): ComfyUI loads both before any custom node.
+            logger.debug("Run Telemetry: not inside ComfyUI; nothing to wire")
+            return None
         import execution  # ComfyUI's modules: only present inside ComfyUI
         import folder_paths
         from server import PromptServer

@@ -54,7 +54,7 @@ class WriteDoneMarker:
         return float("nan")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, filename_prefix: str = "ComfyUI", **_: Any) -> bool | str:
+    def VALIDATE_INPUTS(cls, filename_prefix: str = "ComfyUI") -> bool | str:
         """Refuse a prefix that would leave the output folder before the prompt is queued."""
         problem = prefix_problem(filename_prefix)
         return True if problem is None else problem
