@@ -213,7 +213,9 @@ class Recorder:
         with self._lock:
             self._live[prompt_id] = live
             self.current_prompt_id = prompt_id
-        self.writer.submit(lambda: self._persist(rec.model_copy(deep=True), publish=True))
+        # Copy now, on this thread: by the time the writer runs, ended() may already have changed ``rec``.
+        running = rec.model_copy(deep=True)
+        self.writer.submit(lambda: self._persist(running, publish=True))
 
     def node_called(self, prompt_id: str | None, node_id: str, class_type: str, seconds: float) -> None:
         """One call of ComfyUI's per-node ``execute`` returned after ``seconds``."""
@@ -400,7 +402,7 @@ class Recorder:
         if rec.Outcome not in FINAL_OUTCOMES:
             # A queued/running write that lands after the prompt finished must not overwrite the final record.
             with self._lock:
-                if rec.PromptId in self._recent:
+                if rec.PromptId in self._recent or rec.PromptId in self._finishing:
                     return
         try:
             self.store.put(rec)
