@@ -30,7 +30,7 @@ def install() -> runtime.Runtime | None:
         import folder_paths
         from server import PromptServer
 
-        from .gpu import build_snapshot
+        from .gpu import build_peak_meter, build_snapshot
 
         server = PromptServer.instance
         rt = runtime.Runtime(
@@ -39,6 +39,7 @@ def install() -> runtime.Runtime | None:
             snapshot=build_snapshot(),
             pending=lambda pid: _is_pending(server, pid),
             send=lambda event, data: server.send_sync(event, data),
+            peak=build_peak_meter(),
         )
         runtime.set_runtime(rt)
         for name, fn in (
@@ -47,6 +48,7 @@ def install() -> runtime.Runtime | None:
             ("submission handler", lambda: server.add_on_prompt_handler(on_prompt)),
             ("routes", lambda: _add_routes(server, rt)),
             ("finishers", lambda: _add_finishers(rt)),
+            ("runs", lambda: _add_runs(rt, server)),
         ):
             try:
                 fn()
@@ -79,6 +81,12 @@ def _add_finishers(rt: runtime.Runtime) -> None:
     from .finish import install_finishers
 
     install_finishers(rt)
+
+
+def _add_runs(rt: runtime.Runtime, server: Any) -> None:
+    from .runs import install_runs
+
+    install_runs(rt, server)
 
 
 def on_prompt(json_data: Any) -> Any:

@@ -78,7 +78,8 @@ def install_finishers(rt: Runtime) -> None:
 
 def build_contract(rt: Runtime, rec: PromptRecord) -> None:
     """Fill ``rec.Telemetry`` in the contract's shape (per-attempt ``Telemetry`` of artifact-metadata.json)."""
-    rec.Telemetry = telemetry_block(rec, getattr(rt, "policy", None))
+    policy, _ = rt.run_policy(rec.RunId)
+    rec.Telemetry = telemetry_block(rec, policy, history_attempts=rt.waits().get(rec.PromptId, 0))
 
 
 def write_markers(rt: Runtime, rec: PromptRecord) -> None:
@@ -97,6 +98,10 @@ def write_markers(rt: Runtime, rec: PromptRecord) -> None:
     success_at = _parse_iso(rec.ExecutionSuccessAt)
     items = [{"filename": o.Filename, "subfolder": o.Subfolder, "type": o.Type} for o in rec.Outputs]
     for m in rec.Markers:
+        if rec.Outcome != "success" and rec.RetriedBy:
+            m.State = "skipped"
+            m.Error = f"no .failed written: the scene is retried as prompt {rec.RetriedBy}"
+            continue
         try:
             if rec.Outcome == "success":
                 outputs = describe_outputs(out, items, sha256=m.Sha256)

@@ -11,6 +11,7 @@ from typing import Any
 
 from ..telemetry import __version__
 from ..telemetry.paths import UnsafePrefixError, resolve_prefix
+from ..telemetry.policy import QueuePolicy, apply_overrides, policy_from_env
 from ..telemetry.recorder import Recorder
 from ..telemetry.store import DEFAULT_RETENTION, Store
 from ..telemetry.writer import Writer
@@ -34,6 +35,7 @@ class Runtime:
         pending: Callable[[str], bool] = lambda _pid: False,
         send: Callable[[str, dict[str, Any]], None] | None = None,
         env: dict[str, str] | None = None,
+        peak: tuple[Callable[[], Any], Callable[[Any], tuple[int | None, str]]] | None = None,
     ) -> None:
         env = dict(os.environ if env is None else env)
         self.notes: list[str] = []
@@ -61,8 +63,36 @@ class Runtime:
         self.snapshot = snapshot
         self.pending = pending
         self.send = send
-        self.recorder = Recorder(self.store, self.writer, snapshot)
+        self.recorder = Recorder(self.store, self.writer, snapshot, peak=peak)
         self.version = __version__
+        self.policy, self.policy_notes = policy_from_env(env)
+        self.notes.extend(self.policy_notes)
+        self.max_wait_seconds = float(self.policy.max_wait_seconds)
+        self._waits: dict[str, int] = {}
+        self._waits_lock = threading.Lock()
+
+    def policy_view(self) -> dict[str, Any]:
+        """The queue policy in force (from the environment) and the notes about invalid values."""
+        return {**self.policy.as_dict(), "QueueConfig": self.policy.queue_config(), "Notes": list(self.policy_notes)}
+
+    def count_wait(self, prompt_id: str) -> None:
+        """A consumer waited on (or polled) a prompt: counted as a history attempt."""
+        with self._waits_lock:
+            self._waits[prompt_id] = self._waits.get(prompt_id, 0) + 1
+            if len(self._waits) > 50_000:  # bounded: forget the oldest half
+                for key in list(self._waits)[:25_000]:
+                    del self._waits[key]
+
+    def waits(self) -> dict[str, int]:
+        """Wait counts per prompt id (a copy)."""
+        with self._waits_lock:
+            return dict(self._waits)
+
+    def run_policy(self, run_id: str | None) -> tuple[QueuePolicy, list[str]]:
+        """The policy of a run: the environment's, with the run's own overrides; plus notes that affect it."""
+        info = self.store.run_info(run_id) if run_id else None
+        policy, notes = apply_overrides(self.policy, (info or {}).get("PolicyOverrides"))
+        return policy, [*self.policy_notes, *notes]
 
     def current_prompt_id(self) -> str | None:
         """The prompt being executed on this thread (ComfyUI's executing context, else the recorder's)."""

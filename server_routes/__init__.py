@@ -10,9 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
-from . import meta, prompts, status
+from . import meta, prompts, runs, status
 
-MODULES = (status, prompts, meta)
+MODULES = (status, prompts, meta, runs)
 
 
 def add_routes(routes: web.RouteTableDef, rt: Any) -> None:

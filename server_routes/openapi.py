@@ -60,6 +60,44 @@ def build_openapi(version: str) -> dict[str, Any]:
                 "responses": {"200": _ok("Final record"), "202": _ok("Still pending"), "400": _ERROR, "404": _ERROR},
             }
         },
+        "/telemetry/runs": {
+            "get": {
+                "summary": "Every run with scene counts, status and last activity",
+                "responses": {"200": _ok("Runs")},
+            }
+        },
+        "/telemetry/runs/{run_id}": {
+            "get": {
+                "summary": "The run's artifact metadata, assembled now",
+                "parameters": [RUN_ID],
+                "responses": {"200": _ok("Artifact metadata"), "400": _ERROR, "404": _ERROR},
+            }
+        },
+        "/telemetry/runs/{run_id}/finalize": {
+            "post": {
+                "summary": "Write artifact-metadata.json and run-summary.txt atomically and validate them",
+                "parameters": [RUN_ID],
+                "responses": {"200": _ok("Paths and validation"), "400": _ERROR, "404": _ERROR, "507": _ERROR},
+            }
+        },
+        "/telemetry/runs/{run_id}/artifact-metadata.json": {
+            "get": {
+                "summary": "The finalized artifact-metadata.json",
+                "parameters": [RUN_ID],
+                "responses": {"200": _ok("File"), "400": _ERROR, "404": _ERROR},
+            }
+        },
+        "/telemetry/runs/{run_id}/run-summary.txt": {
+            "get": {
+                "summary": "The finalized run-summary.txt",
+                "parameters": [RUN_ID],
+                "responses": {
+                    "200": {"description": "File", "content": {"text/plain": {"schema": {"type": "string"}}}},
+                    "400": _ERROR,
+                    "404": _ERROR,
+                },
+            }
+        },
         "/telemetry/schema": {
             "get": {"summary": "JSON Schema of artifact-metadata.json", "responses": {"200": _ok("Schema")}}
         },

@@ -11,7 +11,7 @@ from . import __version__
 
 # Each module named here defines ``register(subparsers)``, adding its sub-commands with
 # ``set_defaults(func=handler)``; a handler takes the parsed namespace and returns the exit code.
-COMMAND_MODULES: tuple[str, ...] = ()
+COMMAND_MODULES: tuple[str, ...] = ("consumer", "validate", "schema", "runner")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -4,42 +4,42 @@ from __future__ import annotations
 
 from typing import Any
 
-from .models import Telemetry
+from .models import SystemSnapshot, Telemetry
 from .policy import QueuePolicy
+from .probes import build_gpu_block, build_system_block
 from .records import PromptRecord
 
-MIB = 1048576.0
 
-
-def _device(snapshot: dict[str, Any] | None) -> dict[str, Any]:
-    return dict((snapshot or {}).get("Device") or {})
+def _snapshot(data: dict[str, Any] | None) -> SystemSnapshot | None:
+    if not data:
+        return None
+    try:
+        return SystemSnapshot.model_validate(data)
+    except ValueError:
+        return None
 
 
 def gpu_block(rec: PromptRecord) -> dict[str, Any]:
-    """``Telemetry.GPU`` from the record's before/after snapshots; the name is never blank."""
-    before, after = _device(rec.Before), _device(rec.After)
-    dev = after or before
-    free_b, free_a = before.get("VramFree"), after.get("VramFree")
-    mb_b = round(free_b / MIB, 2) if isinstance(free_b, int | float) else 0.0
-    mb_a = round(free_a / MIB, 2) if isinstance(free_a, int | float) else mb_b
-    sources = [s for s in ((rec.Before or {}).get("Source"), (rec.After or {}).get("Source")) if s]
-    block: dict[str, Any] = {
-        "Name": str(dev.get("Name") or "unknown (no probe answered)"),
-        "Type": dev.get("Type"),
-        "Index": dev.get("Index"),
-        "VramTotal": dev.get("VramTotal"),
-        "VramFreeBefore": free_b,
-        "VramFreeAfter": free_a,
-        "VramBeforeMB": mb_b,
-        "VramAfterMB": mb_a,
-        "VramDeltaMB": round(mb_a - mb_b, 2),
-        "Source": "/".join(dict.fromkeys(sources)) or None,
-        "Uuid": dev.get("Uuid"),
-        "PeakVramUsed": rec.PeakVram.Bytes,
-        "PeakVramMB": rec.PeakVram.MB,
-        "PeakSource": rec.PeakVram.Method,
-    }
-    return {k: v for k, v in block.items() if v is not None}
+    """``Telemetry.GPU`` from the record's before/after snapshots (the probe module's rounding); never blank."""
+    before, after = _snapshot(rec.Before), _snapshot(rec.After)
+    before = before or after
+    after = after or before
+    if before is None or after is None:
+        return {"Name": "unknown (no probe answered)", "VramBeforeMB": 0.0, "VramAfterMB": 0.0, "VramDeltaMB": 0.0}
+    return build_gpu_block(
+        before, after, peak_used_bytes=rec.PeakVram.Bytes, peak_source=rec.PeakVram.Method
+    ).to_json_dict()
+
+
+def system_block(rec: PromptRecord) -> dict[str, Any]:
+    """``Telemetry.System``: both snapshots and every fallback note of the prompt, each once."""
+    before, after = _snapshot(rec.Before), _snapshot(rec.After)
+    notes = list(rec.FallbackNotes)
+    if before is not None and after is not None:
+        block = build_system_block(before, after).to_json_dict()
+        block["FallbackNotes"] = list(dict.fromkeys([*notes, *block.get("FallbackNotes", [])]))
+        return block
+    return {"Before": rec.Before, "After": rec.After, "FallbackNotes": notes}
 
 
 def exit_reason(rec: PromptRecord, policy: QueuePolicy) -> str:
@@ -55,7 +55,7 @@ def exit_reason(rec: PromptRecord, policy: QueuePolicy) -> str:
 def telemetry_block(rec: PromptRecord, policy: QueuePolicy | None, *, history_attempts: int = 0) -> dict[str, Any]:
     """The contract ``Telemetry`` object of one attempt, validated by the model, as JSON-ready data."""
     policy = policy or QueuePolicy()
-    attempts = int(rec.Tags.get("_history_attempts", history_attempts) or 0)
+    attempts = int(history_attempts)
     reason = exit_reason(rec, policy)
     data: dict[str, Any] = {
         "PromptId": rec.PromptId,
@@ -75,7 +75,7 @@ def telemetry_block(rec: PromptRecord, policy: QueuePolicy | None, *, history_at
         "HistoryPostExecutionTimeoutReached": reason == "postExecution",
         "SceneRetryBudget": policy.scene_retry_budget,
         "GPU": gpu_block(rec),
-        "System": {"Before": rec.Before, "After": rec.After, "FallbackNotes": list(rec.FallbackNotes)},
+        "System": system_block(rec),
         "ForcedCopyTriggered": False,
     }
     done = [m for m in rec.Markers if m.State == "written"]

@@ -41,6 +41,7 @@ class _Live:
     started_perf: float = 0.0
     nodes: dict[str, NodeTiming] = field(default_factory=dict)
     spans_open: dict[tuple[str, str], tuple[float, Snapshot]] = field(default_factory=dict)
+    peak_start: Any = None
 
 
 def device_free_bytes(snapshot: Mapping[str, Any] | None) -> int | None:
@@ -137,6 +138,7 @@ class Recorder:
         clock: Callable[[], float] = time.time,
         perf: Callable[[], float] = time.perf_counter,
         recent_size: int = 500,
+        peak: tuple[Callable[[], Any], Callable[[Any], tuple[int | None, str]]] | None = None,
     ) -> None:
         self.store = store
         self.writer = writer
@@ -155,12 +157,16 @@ class Recorder:
         self._start_hooks: list[Callable[[PromptRecord, Mapping[str, Any]], None]] = []
         self._listeners: list[Listener] = []
         self.current_prompt_id: str | None = None
+        self._peak = peak
 
     # --- wiring ---
 
-    def add_finisher(self, name: str, fn: Finisher) -> None:
+    def add_finisher(self, name: str, fn: Finisher, *, first: bool = False) -> None:
         """Run ``fn(record)`` on the writer thread before a finished record is stored (markers, contract block)."""
-        self._finishers.append((name, fn))
+        if first:
+            self._finishers.insert(0, (name, fn))
+        else:
+            self._finishers.append((name, fn))
 
     def add_start_hook(self, fn: Callable[[PromptRecord, Mapping[str, Any]], None]) -> None:
         """Run ``fn(record, prompt)`` on the worker thread when a prompt starts (kept cheap)."""
@@ -209,7 +215,13 @@ class Recorder:
                 hook(rec, prompt or {})
             except Exception as exc:
                 rec.FallbackNotes.append(f"start hook {getattr(hook, '__name__', hook)} failed: {exc}")
-        live = _Live(record=rec, started_perf=self._perf())
+        peak_start = None
+        if self._peak is not None:
+            try:
+                peak_start = self._peak[0]()
+            except Exception as exc:
+                rec.FallbackNotes.append(f"peak VRAM unavailable: {exc}")
+        live = _Live(record=rec, started_perf=self._perf(), peak_start=peak_start)
         with self._lock:
             self._live[prompt_id] = live
             self.current_prompt_id = prompt_id
@@ -323,6 +335,13 @@ class Recorder:
         rec.Nodes = list(live.nodes.values())
         rec.Outputs = outputs_from_history(history_result)
         rec.After = self._safe_snapshot(rec)
+        if self._peak is not None:
+            try:
+                peak, method = self._peak[1](live.peak_start)
+                rec.PeakVram.Bytes, rec.PeakVram.Method = peak, method
+                rec.PeakVram.MB = round(peak / MIB, 1) if peak is not None else None
+            except Exception as exc:
+                rec.PeakVram.Method = f"unavailable: {type(exc).__name__}: {exc}"
         self.writer.submit(lambda: self._finish(rec))
 
     # --- reads (routes) ---

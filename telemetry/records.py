@@ -107,6 +107,9 @@ class PromptRecord(_Model):
     Outputs: list[OutputRef] = Field(default_factory=list)
     Markers: list[MarkerState] = Field(default_factory=list)
     FallbackNotes: list[str] = Field(default_factory=list)
+    RetryOf: str | None = Field(default=None, description="Prompt id of the failed attempt this one retries.")
+    RetriedBy: str | None = Field(default=None, description="Prompt id queued to retry this failed attempt.")
+    Attempt: int = 1
     Telemetry: dict[str, Any] | None = None
     Workflow: dict[str, Any] | None = Field(default=None, description="The API prompt, kept for retries.")
 
@@ -131,4 +134,6 @@ class PromptRecord(_Model):
             "Markers": [m.model_dump(include={"NodeId", "Prefix", "State", "Path", "Error"}) for m in self.Markers],
             "Spans": [s.model_dump() for s in self.Spans],
             "FallbackNotes": list(self.FallbackNotes),
+            "Attempt": self.Attempt,
+            "RetriedBy": self.RetriedBy,
         }

@@ -154,13 +154,23 @@ class Store:
         return json.loads(row[0]) if row else None
 
     def runs(self) -> list[dict[str, Any]]:
-        """Every run with its scene count, prompt count, outcomes and last activity, newest first."""
+        """Every run, newest activity first: scenes, prompts, and scene outcomes judged by each scene's last attempt."""
         with self._conn() as c:
             rows = c.execute(
-                "SELECT run_id, COUNT(DISTINCT scene_id), COUNT(*), MAX(updated_at),"
-                " SUM(outcome='success'), SUM(outcome IN ('error','interrupted','crashed')),"
-                " SUM(outcome IN ('queued','running'))"
-                " FROM prompts WHERE run_id IS NOT NULL GROUP BY run_id ORDER BY MAX(updated_at) DESC"
+                """
+                WITH ranked AS (
+                    SELECT run_id, outcome, updated_at,
+                           ROW_NUMBER() OVER (PARTITION BY run_id, COALESCE(scene_id, prompt_id)
+                                              ORDER BY updated_at DESC, rowid DESC) AS rn,
+                           COUNT(*) OVER (PARTITION BY run_id) AS prompts,
+                           MAX(updated_at) OVER (PARTITION BY run_id) AS last
+                    FROM prompts WHERE run_id IS NOT NULL
+                )
+                SELECT run_id, COUNT(*), MAX(prompts), MAX(last),
+                       SUM(outcome = 'success'), SUM(outcome IN ('error','interrupted','crashed')),
+                       SUM(outcome IN ('queued','running'))
+                FROM ranked WHERE rn = 1 GROUP BY run_id ORDER BY MAX(last) DESC
+                """
             ).fetchall()
         return [
             {
