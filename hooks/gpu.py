@@ -11,6 +11,8 @@ from ..telemetry.probes import TorchCudaFunctions, default_probe_chain
 
 logger = logging.getLogger("run_telemetry")
 
+ENV_PROBES = "RUN_TELEMETRY_PROBES"  # auto (default): system RAM only under --cpu; full: whole chain; cpu
+
 
 def comfy_torch_functions() -> TorchCudaFunctions:
     """torch.cuda-shaped calls answered by ComfyUI's own model_management (its device, its free-memory view)."""
@@ -43,6 +45,11 @@ def build_snapshot() -> Callable[[], dict[str, Any]]:
         cpu_only = bool(getattr(args, "cpu", False))  # --cpu: ComfyUI computes on the CPU; report that device
     except Exception:
         logger.debug("comfy.cli_args unavailable", exc_info=True)
+    mode = os.environ.get(ENV_PROBES, "auto").strip().lower()
+    if mode == "full":
+        cpu_only = False  # ask NVML, torch CUDA and nvidia-smi even under --cpu (diagnostics, fault tests)
+    elif mode == "cpu":
+        cpu_only = True
     functions = None
     if not cpu_only:
         try:

@@ -173,7 +173,8 @@ def assemble_run(
         "Timestamp": min(starts) if starts else None,
         "RunDir": str(run_dir(output_dir, run_id)),
         "QueueConfig": policy.queue_config(),
-        "LLMHealthInfo": dict(llm) if llm else {"Skipped": True, "Status": "not-configured"},
+        # No provider configured: no health check ran, so no LLMHealthInfo and no [LLM] line.
+        "LLMHealthInfo": dict(llm) if llm else None,
         "Scenes": scenes,
         "Generator": f"run-telemetry {__version__}",
     }
