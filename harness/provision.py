@@ -213,10 +213,25 @@ def provision_tree(version: str) -> Path:
     return target
 
 
+COMFY_CLI = "comfy-cli==1.23.0"
+
+
+def provision_comfy_cli() -> Path:
+    """A venv of its own with comfy-cli (``comfy node validate``), apart from ComfyUI's dependencies."""
+    vdir = cache_root() / "comfy-cli-venv"
+    stamp = vdir / ".run-telemetry-stamp"
+    if not _stamp_ok(stamp, COMFY_CLI):
+        if not (vdir / "bin" / "python").exists():
+            _run([sys.executable, "-m", "venv", str(vdir)])
+        _run([str(vdir / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q", COMFY_CLI])
+        stamp.write_text(COMFY_CLI)
+    return vdir / "bin" / "comfy"
+
+
 def provision(versions: list[str]) -> dict[str, object]:
     """Provision the venv and every requested ComfyUI version; return where they are."""
     py = provision_venv()
-    out: dict[str, object] = {"python": str(py), "versions": {}}
+    out: dict[str, object] = {"python": str(py), "comfy_cli": str(provision_comfy_cli()), "versions": {}}
     for v in versions:
         tree = provision_tree(v)
         overlay = provision_overlay(v)
