@@ -226,7 +226,10 @@ class Recorder:
             self._live[prompt_id] = live
             self.current_prompt_id = prompt_id
         # Copy now, on this thread: by the time the writer runs, ended() may already have changed ``rec``.
+        # The workflow stays out of the copy (only the retry step at the end needs it).
+        workflow, rec.Workflow = rec.Workflow, None
         running = rec.model_copy(deep=True)
+        rec.Workflow = workflow
         self.writer.submit(lambda: self._persist(running, publish=True))
 
     def node_called(self, prompt_id: str | None, node_id: str, class_type: str, seconds: float) -> None:
@@ -409,6 +412,7 @@ class Recorder:
             except Exception as exc:
                 logger.exception("Run Telemetry: finishing step %s failed for prompt %s", name, rec.PromptId)
                 rec.FallbackNotes.append(f"{name} failed: {type(exc).__name__}: {exc}")
+        rec.Workflow = None  # needed only by the finishers (retry); keeps stored records small
         self._persist(rec, publish=False)
         with self._lock:
             self._recent[rec.PromptId] = rec
