@@ -17,6 +17,17 @@ need_chromium() {
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
 }
 
+need_prometheus() {
+  if [ -x /usr/bin/prometheus ]; then return 0; fi
+  if [ "$(id -u)" != 0 ]; then
+    echo "Debian's prometheus is needed for the metrics tests: apt-get install -y prometheus" >&2
+    return 1
+  fi
+  echo "+ apt-get install prometheus (metrics tests; the test starts it itself, not as a service)"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+}
+
 provision() {
   python3 harness/provision.py >/dev/null
   python3 -c 'import harness.provision as p; print(p.venv_python())'
@@ -27,6 +38,7 @@ shift || true
 case "$cmd" in
   test)
     need_chromium
+    need_prometheus
     PY=$(provision)
     "$PY" -m ruff check .
     "$PY" -m ruff format --check .

@@ -10,9 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
-from . import meta, prompts, runs, status
+from . import meta, metrics, prompts, runs, status
 
-MODULES = (status, prompts, meta, runs)
+MODULES = (status, prompts, meta, metrics, runs)
 
 
 def add_routes(routes: web.RouteTableDef, rt: Any) -> None:

@@ -98,6 +98,18 @@ def build_openapi(version: str) -> dict[str, Any]:
                 },
             }
         },
+        "/telemetry/metrics": {
+            "get": {
+                "summary": "Prometheus text exposition of this worker's metrics (comfyui_telemetry_*)",
+                "responses": {
+                    "200": {
+                        "description": "Prometheus text format",
+                        "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "503": _ERROR,
+                },
+            }
+        },
         "/telemetry/schema": {
             "get": {"summary": "JSON Schema of artifact-metadata.json", "responses": {"200": _ok("Schema")}}
         },

@@ -147,7 +147,6 @@ class Recorder:
         self._perf = perf
         self._lock = threading.Lock()
         self._live: dict[str, _Live] = {}
-        self._queued: dict[str, PromptRecord] = {}
         # Ended on the worker, not yet through the writer (markers, store): still "running" to readers, so a
         # reader that sees a final outcome can trust that the marker and the stored record exist.
         self._finishing: dict[str, PromptRecord] = {}
@@ -178,21 +177,12 @@ class Recorder:
 
     # --- lifecycle (called by the ComfyUI adapter) ---
 
-    def submitted(self, prompt_id: str, *, tags: Mapping[str, Any] | None, client_id: str | None) -> None:
-        """A prompt was posted: record it as queued."""
-        now = self._clock()
-        rec = PromptRecord(PromptId=prompt_id, QueuedAt=iso(now), ClientId=client_id)
-        self._apply_tags(rec, dict(tags or {}))
-        with self._lock:
-            self._queued[prompt_id] = rec
-        self.writer.submit(lambda: self._persist(rec, publish=True))
-
     def started(self, prompt_id: str, prompt: Mapping[str, Any] | None, extra_data: Mapping[str, Any] | None) -> None:
         """The worker picked the prompt up: snapshot before, tags, queue wait."""
         extra = dict(extra_data or {})
         now = self._clock()
         with self._lock:
-            rec = self._queued.pop(prompt_id, None) or self._recent.pop(prompt_id, None)
+            rec = self._recent.pop(prompt_id, None)
         if rec is None:
             rec = PromptRecord(PromptId=prompt_id)
         rec.Outcome = "running"
@@ -358,7 +348,7 @@ class Recorder:
             finishing = self._finishing.get(prompt_id)
             if finishing is not None:
                 return finishing.model_copy(update={"Outcome": "running"}, deep=True)
-            rec = self._queued.get(prompt_id) or self._recent.get(prompt_id)
+            rec = self._recent.get(prompt_id)
         if rec is not None:
             return rec
         return self.store.get(prompt_id)
@@ -368,9 +358,8 @@ class Recorder:
         with self._lock:
             live = [lv.record.model_copy(deep=True) for lv in self._live.values()]
             live += [r.model_copy(update={"Outcome": "running"}, deep=True) for r in self._finishing.values()]
-            queued = list(self._queued.values())
             done = list(reversed(self._recent.values()))
-        out = live + list(reversed(queued)) + done
+        out = live + done
         if len(out) < limit:
             seen = {r.PromptId for r in out}
             out += [r for r in self.store.recent(limit) if r.PromptId not in seen]
@@ -425,8 +414,13 @@ class Recorder:
         if rec.Outcome not in FINAL_OUTCOMES:
             # A queued/running write that lands after the prompt finished must not overwrite the final record.
             with self._lock:
-                if rec.PromptId in self._recent or rec.PromptId in self._finishing:
+                if rec.PromptId in self._recent:
                     return
+                if rec.PromptId in self._finishing:
+                    # Ended on the worker, final write queued behind this one: still store the running row, so a
+                    # kill while its markers are written leaves a row the next start marks as cut off; only the
+                    # stale "running" event is not published.
+                    publish = False
         try:
             self.store.put(rec)
         except Exception as exc:

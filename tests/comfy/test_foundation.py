@@ -67,9 +67,13 @@ def test_web_extension_is_served(comfy: ComfyServer) -> None:
     assert status == 200
     ours = [u for u in listing if f"/extensions/{PACKAGE_FOLDER}/" in u]
     assert ours, listing
+    texts = []
     for url in ours:
         status, text = comfy.request("GET", url)
-        assert status == 200 and "registerExtension" in text
+        assert status == 200, url
+        texts.append(text)
+    # Helper modules may register nothing (each file must be harmless alone); the features do register.
+    assert any("registerExtension" in t for t in texts)
 
 
 def test_wiring_failure_degrades_and_comfyui_still_starts(tmp_path) -> None:
