@@ -8,7 +8,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from typing import Any
 
-from ..telemetry.atomic import MarkerWriteError
+from ..telemetry.atomic import MarkerWriteError, remove_stale_temps
 from ..telemetry.contract import gpu_block, telemetry_block
 from ..telemetry.markers import (
     DoneMarker,
@@ -16,10 +16,11 @@ from ..telemetry.markers import (
     MarkerTelemetry,
     clear_markers,
     describe_outputs,
+    marker_paths,
     write_done_marker,
     write_failed_marker,
 )
-from ..telemetry.paths import UnsafePrefixError
+from ..telemetry.paths import UnsafePrefixError, resolve_prefix
 from ..telemetry.records import MarkerState, PromptRecord
 from .runtime import Runtime
 
@@ -47,9 +48,22 @@ def _parse_iso(value: str | None) -> float | None:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
+def clean_cut_off_temps(rt: Runtime) -> None:
+    """Remove the temp files a kill left beside the markers of prompts cut off by the last stop (their writer is gone)."""
+    for prompt_id in getattr(rt, "cut_off", None) or ():
+        try:
+            rec = rt.store.get(prompt_id)
+            for m in rec.Markers if rec else ():
+                for path in marker_paths(resolve_prefix(rt.output_dir(), m.Prefix)):
+                    remove_stale_temps(path)
+        except Exception as exc:  # best effort: a leftover temp file is hidden and harmless to readers
+            logger.warning("Run Telemetry: could not clean up after cut-off prompt %s: %s", prompt_id, exc)
+
+
 def install_finishers(rt: Runtime) -> None:
     """Wire the marker steps, the contract block and the websocket event into the runtime's recorder."""
     rec_ = rt.recorder
+    clean_cut_off_temps(rt)
 
     def clear_stale_markers(rec: PromptRecord, prompt: Mapping[str, Any]) -> None:
         """At start: forget last run's markers for every declared prefix, and declare them for the end."""

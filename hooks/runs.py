@@ -61,8 +61,8 @@ def make_middleware() -> Any:
         if request.method == "POST" and request.path in PROMPT_PATHS:
             try:
                 body = await request.json()  # aiohttp caches the body: ComfyUI's handler reads it again
-            except (ValueError, UnicodeDecodeError):
-                body = None  # ComfyUI's own handler answers malformed JSON
+            except (ValueError, UnicodeDecodeError, RecursionError):
+                body = None  # ComfyUI's own handler answers malformed (or absurdly nested) JSON
             problem = telemetry_body_problem(body)
             if problem is not None:
                 param, message = problem

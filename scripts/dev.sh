@@ -48,6 +48,25 @@ case "$cmd" in
     PY=$(provision)
     exec "$PY" -m harness.demo "$@"
     ;;
+  bench)
+    # scripts/dev.sh bench overhead|latency|routes|scale|idle|all [ARGS]: real ComfyUI, figures printed as ratios
+    name="${1:-}"
+    shift || true
+    case "$name" in
+      overhead|latency|routes|scale|idle|all) ;;
+      *) echo "usage: scripts/dev.sh bench overhead|latency|routes|scale|idle|all [ARGS]" >&2; exit 2 ;;
+    esac
+    if [ "$name" = routes ] || [ "$name" = all ]; then
+      if ! command -v wrk >/dev/null; then
+        if [ "$(id -u)" != 0 ]; then echo "Debian's wrk is needed: apt-get install -y wrk" >&2; exit 1; fi
+        echo "+ apt-get install wrk (routes bench)"
+        apt-get update -qq >/dev/null
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+      fi
+    fi
+    PY=$(provision)
+    exec "$PY" -m "bench.$name" "$@"
+    ;;
   *)
     echo "usage: scripts/dev.sh demo | test [pytest args]" >&2
     exit 2

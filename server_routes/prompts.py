@@ -70,7 +70,9 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
         if rec is None:
             if rt.pending(prompt_id):
                 return web.json_response({"PromptId": prompt_id, "Outcome": "queued"})
-            return unknown(prompt_id)
+            rec = rt.recorder.get(prompt_id)  # it may have started and ended between the two looks
+            if rec is None:
+                return unknown(prompt_id)
         return web.json_response(rec.model_dump(mode="json", exclude={"Workflow"}))
 
     @routes.get("/telemetry/prompts/{prompt_id}/wait")
@@ -84,7 +86,11 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
         try:
             rec = rt.recorder.get(prompt_id)  # after add(): a finish between the two cannot be missed
             if rec is None and not rt.pending(prompt_id):
-                return unknown(prompt_id)
+                # A quick prompt can start and end between the two looks: the recorder has it before ComfyUI's
+                # queue lets go of it, so a second look cannot miss it.
+                rec = rt.recorder.get(prompt_id)
+                if rec is None:
+                    return unknown(prompt_id)
             if rec is None or rec.Outcome not in FINAL_OUTCOMES:
                 try:
                     rec = await asyncio.wait_for(asyncio.shield(fut), timeout)

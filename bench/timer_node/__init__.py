@@ -1,0 +1,99 @@
+"""Bench-only ComfyUI package, linked into every bench server (with and without Run Telemetry) alike.
+
+It times ``PromptExecutor.execute`` from the outside with ``perf_counter_ns`` and serves the figures:
+``GET /rt_bench/timings`` (all of them), ``GET /rt_bench/threads`` (Python's thread names by OS id) and ``GET /rt_bench/wait/{prompt_id}`` (blocks until that prompt's
+``execute`` has returned, so the bench waits without polling the server while a prompt runs). ComfyUI's own clocks
+are coarser (history timestamps are whole milliseconds, the "Prompt executed in" log line has two decimals) and
+``execution_start`` is stamped inside the executor, after a prompt-level wrapper has already run. The wrapper is
+installed at the first submission, when every custom node has been imported, so it is the outermost one and its
+figure includes whatever other packages do around and inside a prompt.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from typing import Any
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {}
+MARK = "__rt_bench_outer__"
+_LOCK = threading.Lock()
+_TIMINGS: dict[str, int] = {}
+_WAITERS: dict[str, list[tuple[asyncio.AbstractEventLoop, asyncio.Future]]] = {}
+
+
+def _done(fut: asyncio.Future, value: int) -> None:
+    if not fut.done():
+        fut.set_result(value)
+
+
+def _install() -> None:
+    import execution  # ComfyUI's module
+
+    cls = execution.PromptExecutor
+    original = cls.execute
+    if getattr(original, MARK, False):
+        return
+
+    def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
+        t0 = time.perf_counter_ns()
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            elapsed = time.perf_counter_ns() - t0
+            prompt_id = str(args[1] if len(args) > 1 else kwargs.get("prompt_id"))
+            with _LOCK:
+                _TIMINGS[prompt_id] = elapsed
+                waiters = _WAITERS.pop(prompt_id, [])
+            for loop, fut in waiters:
+                loop.call_soon_threadsafe(_done, fut, elapsed)
+
+    setattr(execute, MARK, True)
+    cls.execute = execute
+
+
+def _on_prompt(json_data: Any) -> Any:
+    with _LOCK:
+        _install()
+    return json_data
+
+
+def _register() -> None:
+    from aiohttp import web
+    from server import PromptServer
+
+    server = PromptServer.instance
+    server.add_on_prompt_handler(_on_prompt)
+
+    @server.routes.get("/rt_bench/timings")
+    async def rt_bench_timings(request: web.Request) -> web.Response:
+        """Nanoseconds spent in PromptExecutor.execute, per prompt id."""
+        with _LOCK:
+            return web.json_response(dict(_TIMINGS))
+
+    @server.routes.get("/rt_bench/threads")
+    async def rt_bench_threads(request: web.Request) -> web.Response:
+        """Python's name and daemon flag of every thread, by OS thread id (Python does not name OS threads)."""
+        return web.json_response(
+            {str(t.native_id): {"name": t.name, "daemon": t.daemon} for t in threading.enumerate()}
+        )
+
+    @server.routes.get("/rt_bench/wait/{prompt_id}")
+    async def rt_bench_wait(request: web.Request) -> web.Response:
+        """Block until the prompt's execute has returned (or ``timeout`` s); answer its nanoseconds."""
+        prompt_id = request.match_info["prompt_id"]
+        timeout = float(request.query.get("timeout", "120"))
+        loop = asyncio.get_running_loop()
+        with _LOCK:
+            if prompt_id in _TIMINGS:
+                return web.json_response({"ns": _TIMINGS[prompt_id]})
+            fut = loop.create_future()
+            _WAITERS.setdefault(prompt_id, []).append((loop, fut))
+        try:
+            return web.json_response({"ns": await asyncio.wait_for(fut, timeout)})
+        except asyncio.TimeoutError:
+            return web.json_response({"ns": None}, status=504)
+
+
+_register()
