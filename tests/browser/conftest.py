@@ -144,7 +144,7 @@ def prepare_server(server: ComfyServer) -> None:
     assert status == 200, (status, body)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Browser]:
     """Debian's chromium, headless, with a fresh profile (Playwright makes a new one per launch)."""
     if not CHROMIUM.exists():
@@ -155,7 +155,7 @@ def browser() -> Iterator[Browser]:
         b.close()
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def editor(comfy: ComfyServer, browser: Browser) -> Iterator[Editor]:
     """One editor page per ComfyUI version, shared by that version's browser tests."""
     prepare_server(comfy)

@@ -12,7 +12,7 @@ from aiohttp import web
 
 from tests.pkg import load, sub
 
-FIXTURES = Path(__file__).resolve().parents[3] / "shared" / "fixtures" / "comfyui-0.3.75" / "history-examples.json"
+FIXTURES = Path(__file__).resolve().parents[1] / "fixtures" / "comfyui-0.3.75" / "history-examples.json"
 
 
 def snapshot_factory() -> Any:
@@ -38,8 +38,6 @@ def runtime(tmp_path: Path) -> Any:
 
 @pytest.fixture
 def history() -> dict[str, Any]:
-    if not FIXTURES.exists():
-        pytest.fail(f"shared fixtures missing: {FIXTURES}")
     return json.loads(FIXTURES.read_text())
 
 
