@@ -66,6 +66,9 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
     async def telemetry_prompt(request: web.Request) -> web.Response:
         """The full record of one prompt; 404 for an unknown id."""
         prompt_id = request.match_info["prompt_id"]
+        cached = rt.recorder.final_json(prompt_id)
+        if cached is not None:
+            return web.Response(body=cached, content_type="application/json")
         rec = rt.recorder.get(prompt_id)
         if rec is None:
             if rt.pending(prompt_id):
@@ -101,6 +104,9 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
                         {"PromptId": prompt_id, "Outcome": state, "TimedOut": True, "TimeoutSeconds": timeout},
                         status=202,
                     )
+            cached = rt.recorder.final_json(prompt_id)
+            if cached is not None:
+                return web.Response(body=cached, content_type="application/json")
             return web.json_response(rec.model_dump(mode="json", exclude={"Workflow"}))
         finally:
             waiters.discard(prompt_id, fut)

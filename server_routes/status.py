@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -26,23 +27,33 @@ class CachedSnapshot:
 
     def get(self) -> dict[str, Any]:
         """A snapshot no older than ``ttl``."""
+        return self.get_stamped()[0]
+
+    def get_stamped(self) -> tuple[dict[str, Any], float]:
+        """The snapshot and when it was read (monotonic), so callers can cache what they build from it."""
         now = time.monotonic()
         with self._lock:
             if self._value is None or now - self._at > self._ttl:
                 self._value = self._snapshot()
                 self._at = now
-            return self._value
+            return self._value, self._at
 
 
 def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
     """Register GET /telemetry."""
     cached = CachedSnapshot(rt.snapshot)
+    bodies: dict[int, tuple[tuple[Any, ...], bytes]] = {}
 
     @routes.get("/telemetry")
     async def telemetry_status(request: web.Request) -> web.Response:
         """The current device snapshot and the most recent prompts (``?limit=``, default 20)."""
         limit = int_param(request, "limit", 20, 1, 1000)
-        snap = cached.get()
+        snap, snap_at = cached.get_stamped()
+        # Same prompts (recorder version), same snapshot and notes: the same body, served without rebuilding it.
+        key = (rt.recorder.version, snap_at, len(rt.notes))
+        hit = bodies.get(limit)
+        if hit is not None and hit[0] == key:
+            return web.Response(body=hit[1], content_type="application/json")
         notes = list(dict.fromkeys([*rt.notes, *(snap.get("FallbackNotes") or [])]))
         body = {
             "Package": "run-telemetry",
@@ -52,4 +63,8 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
             "Policy": rt.policy_view() if hasattr(rt, "policy_view") else None,
             "Prompts": [r.summary() for r in rt.recorder.recent(limit)],
         }
-        return web.json_response(body)
+        raw = json.dumps(body).encode()
+        if len(bodies) >= 32:
+            bodies.clear()
+        bodies[limit] = (key, raw)
+        return web.Response(body=raw, content_type="application/json")

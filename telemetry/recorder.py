@@ -152,6 +152,10 @@ class Recorder:
         self._finishing: dict[str, PromptRecord] = {}
         self._recent: OrderedDict[str, PromptRecord] = OrderedDict()
         self._recent_size = recent_size
+        # Serialized final records (immutable once final): routes answer from here without re-serializing.
+        self._final_json: OrderedDict[str, bytes] = OrderedDict()
+        # Bumped under the lock on every change a reader can see, so route caches can key on it exactly.
+        self.version = 0
         self._finishers: list[tuple[str, Finisher]] = []
         self._start_hooks: list[Callable[[PromptRecord, Mapping[str, Any]], None]] = []
         self._listeners: list[Listener] = []
@@ -183,6 +187,7 @@ class Recorder:
         now = self._clock()
         with self._lock:
             rec = self._recent.pop(prompt_id, None)
+            self._final_json.pop(prompt_id, None)
         if rec is None:
             rec = PromptRecord(PromptId=prompt_id)
         rec.Outcome = "running"
@@ -215,6 +220,7 @@ class Recorder:
         with self._lock:
             self._live[prompt_id] = live
             self.current_prompt_id = prompt_id
+            self.version += 1
         # Copy now, on this thread: by the time the writer runs, ended() may already have changed ``rec``.
         # The workflow stays out of the copy (only the retry step at the end needs it).
         workflow, rec.Workflow = rec.Workflow, None
@@ -265,6 +271,7 @@ class Recorder:
                 Source=(after or {}).get("Source"),
             )
         )
+        self._bump()
 
     def declare_marker(
         self, node_id: str, prefix: str, frames: int | None, sha256: bool, prompt_id: str | None = None
@@ -276,8 +283,10 @@ class Recorder:
         for m in live.record.Markers:
             if m.NodeId == node_id:
                 m.Prefix, m.FrameCount, m.Sha256 = prefix, frames, sha256
+                self._bump()
                 return
         live.record.Markers.append(MarkerState(NodeId=node_id, Prefix=prefix, FrameCount=frames, Sha256=sha256))
+        self._bump()
 
     def ended(
         self,
@@ -295,6 +304,7 @@ class Recorder:
                 self.current_prompt_id = None
             if live is not None:
                 self._finishing[prompt_id] = live.record
+            self.version += 1
         if live is None:
             return
         rec = live.record
@@ -365,7 +375,19 @@ class Recorder:
             out += [r for r in self.store.recent(limit) if r.PromptId not in seen]
         return out[:limit]
 
+    def final_json(self, prompt_id: str) -> bytes | None:
+        """The serialized final record of a finished prompt (memory, then the store), or ``None``."""
+        with self._lock:
+            if prompt_id in self._live or prompt_id in self._finishing:
+                return None  # running again (a reused prompt id): the old final body is not the answer
+            body = self._final_json.get(prompt_id)
+        return body if body is not None else self.store.final_json(prompt_id)
+
     # --- internals ---
+
+    def _bump(self) -> None:
+        with self._lock:
+            self.version += 1
 
     def _get_live(self, prompt_id: str | None) -> _Live | None:
         with self._lock:
@@ -403,9 +425,14 @@ class Recorder:
                 rec.FallbackNotes.append(f"{name} failed: {type(exc).__name__}: {exc}")
         rec.Workflow = None  # needed only by the finishers (retry); keeps stored records small
         self._persist(rec, publish=False)
+        body = rec.model_dump_json(exclude={"Workflow"}).encode()
         with self._lock:
             self._recent[rec.PromptId] = rec
+            self._final_json[rec.PromptId] = body
+            while len(self._final_json) > self._recent_size:
+                self._final_json.popitem(last=False)
             self._finishing.pop(rec.PromptId, None)
+            self.version += 1
             while len(self._recent) > self._recent_size:
                 self._recent.popitem(last=False)
         self._publish(rec)

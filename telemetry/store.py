@@ -82,7 +82,14 @@ class Store:
             c.execute(
                 "INSERT OR REPLACE INTO prompts(prompt_id, run_id, scene_id, outcome, updated_at, record)"
                 " VALUES (?,?,?,?,?,?)",
-                (rec.PromptId, rec.RunId, rec.SceneId, rec.Outcome, time.time(), rec.model_dump_json()),
+                (
+                    rec.PromptId,
+                    rec.RunId,
+                    rec.SceneId,
+                    rec.Outcome,
+                    time.time(),
+                    rec.model_dump_json(exclude={"Workflow"}),
+                ),
             )
         self._writes_since_prune += 1
         if self._writes_since_prune >= 100:
@@ -132,6 +139,15 @@ class Store:
         with self._conn() as c:
             row = c.execute("SELECT record FROM prompts WHERE prompt_id=?", (prompt_id,)).fetchone()
         return PromptRecord.model_validate_json(row[0]) if row else None
+
+    def final_json(self, prompt_id: str) -> bytes | None:
+        """The stored JSON of a finished prompt, exactly as routes serve it, or ``None``."""
+        with self._conn() as c:
+            row = c.execute(
+                "SELECT record FROM prompts WHERE prompt_id=? AND outcome IN ('success','error','interrupted','crashed')",
+                (prompt_id,),
+            ).fetchone()
+        return row[0].encode() if row else None
 
     def recent(self, limit: int) -> list[PromptRecord]:
         """The most recently updated records, newest first."""

@@ -129,3 +129,26 @@ def test_openapi_lists_exactly_the_registered_routes(runtime: Any) -> None:
     doc = sub("server_routes.openapi").build_openapi("test")
     documented = {(m, p) for p, ops in doc["paths"].items() for m in ops}
     assert registered == documented
+
+
+async def test_cached_final_body_never_hides_a_rerun_of_the_same_id(aiohttp_client: Any, runtime: Any, history) -> None:
+    routes = web.RouteTableDef()
+    sub("server_routes").add_routes(routes, runtime)
+    app = web.Application()
+    app.add_routes(routes)
+    client = await aiohttp_client(app)
+    pid = await asyncio.to_thread(replay, runtime, history["p1"])
+    first = await (await client.get(f"/telemetry/prompts/{pid}")).json()
+    assert first["Outcome"] == "success"
+    before = runtime.recorder.version
+    _, _, prompt, extra, _ = history["p3"]["prompt"][:5]
+    runtime.recorder.started(pid, prompt, extra)  # a client reused the prompt id
+    assert runtime.recorder.version > before
+    again = await (await client.get(f"/telemetry/prompts/{pid}")).json()
+    assert again["Outcome"] == "running"
+    listed = await (await client.get("/telemetry?limit=5")).json()
+    assert listed["Prompts"][0]["PromptId"] == pid and listed["Prompts"][0]["Outcome"] == "running"
+    runtime.recorder.ended(pid, history["p3"]["status"]["messages"], {"outputs": {}})
+    assert await asyncio.to_thread(runtime.writer.flush, 10)
+    final = await (await client.get(f"/telemetry/prompts/{pid}")).json()
+    assert final["Outcome"] == "error"
