@@ -6,26 +6,16 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-need_chromium() {
-  if [ -x /usr/bin/chromium ]; then return 0; fi
+# need_apt BINARY PACKAGE WHY [APT OPTIONS]: install a Debian package when its binary is missing (as root; otherwise say how).
+need_apt() {
+  if [ -x "$1" ]; then return 0; fi
   if [ "$(id -u)" != 0 ]; then
-    echo "Debian's chromium is needed for the browser tests: apt-get install -y chromium" >&2
+    echo "Debian's $2 is needed for $3: apt-get install -y $2" >&2
     return 1
   fi
-  echo "+ apt-get install chromium (browser tests)"
+  echo "+ apt-get install $2 ($3)"
   apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
-}
-
-need_prometheus() {
-  if [ -x /usr/bin/prometheus ]; then return 0; fi
-  if [ "$(id -u)" != 0 ]; then
-    echo "Debian's prometheus is needed for the metrics tests: apt-get install -y prometheus" >&2
-    return 1
-  fi
-  echo "+ apt-get install prometheus (metrics tests; the test starts it itself, not as a service)"
-  apt-get update -qq >/dev/null
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${@:4}" "$2" >/dev/null
 }
 
 provision() {
@@ -37,8 +27,9 @@ cmd="${1:-}"
 shift || true
 case "$cmd" in
   test)
-    need_chromium
-    need_prometheus
+    need_apt /usr/bin/chromium chromium "the browser tests"
+    need_apt /usr/bin/prometheus prometheus "the metrics test (started by the test itself, not as a service)" \
+      --no-install-recommends
     PY=$(provision)
     "$PY" -m ruff check .
     "$PY" -m ruff format --check .
@@ -57,12 +48,7 @@ case "$cmd" in
       *) echo "usage: scripts/dev.sh bench overhead|latency|routes|scale|idle|all [ARGS]" >&2; exit 2 ;;
     esac
     if [ "$name" = routes ] || [ "$name" = all ]; then
-      if ! command -v wrk >/dev/null; then
-        if [ "$(id -u)" != 0 ]; then echo "Debian's wrk is needed: apt-get install -y wrk" >&2; exit 1; fi
-        echo "+ apt-get install wrk (routes bench)"
-        apt-get update -qq >/dev/null
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
-      fi
+      need_apt /usr/bin/wrk wrk "the routes bench"
     fi
     PY=$(provision)
     exec "$PY" -m "bench.$name" "$@"
