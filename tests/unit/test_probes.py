@@ -544,10 +544,29 @@ def test_run_command_timeout_holds(tmp_path: Path) -> None:
 
 def test_system_ram_with_psutil_is_real() -> None:
     psutil = pytest.importorskip("psutil")
-    reading = SystemRam(psutil=psutil).read()
+    reading = SystemRam(psutil=psutil, meminfo_path=None).read()
     assert reading.source == "psutil"
     assert reading.total == psutil.virtual_memory().total
     assert reading.available is not None and 0 < reading.available <= reading.total
+
+
+@pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="Linux /proc/meminfo")
+def test_system_ram_on_linux_reads_proc_meminfo_first_and_agrees_with_psutil() -> None:
+    psutil = pytest.importorskip("psutil")
+    reading = SystemRam().read()
+    vm = psutil.virtual_memory()
+    assert reading.source == "/proc/meminfo"
+    assert reading.total == vm.total  # both are MemTotal
+    assert reading.available is not None and abs(reading.available - vm.available) <= vm.total * 0.02
+
+
+def test_meminfo_parser_takes_only_whole_kib_lines(tmp_path: Path) -> None:
+    meminfo = tmp_path / "meminfo"
+    meminfo.write_text("MemTotal:        8000000 kB\nSwapMemAvailable:  1 kB\nMemAvailable:    2500000 kB\n")
+    reading = SystemRam(psutil_loader=None, meminfo_path=meminfo, sysconf=None).read()
+    assert (reading.total, reading.available, reading.source) == (8000000 * 1024, 2500000 * 1024, "/proc/meminfo")
+    meminfo.write_text("MemTotal: lots\n")
+    assert SystemRam(psutil_loader=None, meminfo_path=meminfo, sysconf=None).read().source == "none"
 
 
 @pytest.mark.skipif(not Path("/proc/meminfo").exists(), reason="Linux /proc/meminfo")
@@ -561,11 +580,24 @@ def test_system_ram_without_psutil_reads_proc_meminfo() -> None:
     ram = SystemRam(psutil_loader=loader)
     reading = ram.read()
     ram.read()
-    assert loads == [1]  # the import is tried once
+    assert loads == []  # /proc/meminfo answered: psutil is not even imported
     assert reading.source == "/proc/meminfo"
     sysconf_total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     assert reading.total is not None and abs(reading.total - sysconf_total) <= sysconf_total * 0.01
     assert reading.available is not None and 0 < reading.available <= reading.total
+
+
+@pytest.mark.skipif(not hasattr(os, "sysconf"), reason="os.sysconf")
+def test_missing_psutil_is_tried_once_then_sysconf(tmp_path: Path) -> None:
+    loads: list[int] = []
+
+    def loader() -> Any:
+        loads.append(1)
+        return no_psutil()
+
+    ram = SystemRam(psutil_loader=loader, meminfo_path=tmp_path / "absent")
+    assert [ram.read().source, ram.read().source] == ["sysconf", "sysconf"]
+    assert loads == [1]
 
 
 @pytest.mark.skipif(not hasattr(os, "sysconf"), reason="os.sysconf")
