@@ -93,13 +93,15 @@ def wrap_node_execute(execution: Any, recorder: Recorder) -> str:
     perf = time.perf_counter
 
     def record(args: tuple, kwargs: dict, seconds: float) -> None:
+        # Once per node on the prompt worker: no lookups here; class types are resolved at the prompt's end.
         try:
-            node_id = str(get_node(args, kwargs))
-            class_type = ""
-            dyn = get_dynprompt(args, kwargs)
-            if dyn is not None:
-                class_type = str(dyn.get_node(node_id).get("class_type", ""))
-            recorder.node_called(str(get_prompt_id(args, kwargs)), node_id, class_type, seconds)
+            recorder.node_called(
+                str(get_prompt_id(args, kwargs)),
+                str(get_node(args, kwargs)),
+                None,
+                seconds,
+                get_dynprompt(args, kwargs),
+            )
         except Exception:
             logger.debug("Run Telemetry: node timing skipped", exc_info=True)
 

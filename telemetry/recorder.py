@@ -35,13 +35,32 @@ Listener = Callable[[PromptRecord], None]
 
 @dataclass
 class _Live:
-    """What the recorder holds for a prompt between its start and its end."""
+    """What the recorder holds for a prompt between its start and its end.
+
+    ``nodes`` holds plain ``[seconds, calls, class type or None]`` lists: the per-node path runs on ComfyUI's prompt
+    worker once per node, so it does no model building; the records are made on the writer thread at the end.
+    """
 
     record: PromptRecord
     started_perf: float = 0.0
-    nodes: dict[str, NodeTiming] = field(default_factory=dict)
+    nodes: dict[str, list[Any]] = field(default_factory=dict)
+    dynprompt: Any = None
     spans_open: dict[tuple[str, str], tuple[float, Snapshot]] = field(default_factory=dict)
     peak_start: Any = None
+
+
+@dataclass(frozen=True)
+class _End:
+    """What the prompt worker captures when the executor returns; the rest of the work is the writer's."""
+
+    perf: float
+    clock: float
+    messages: list[Any]
+    outputs: dict[str, Any]
+    exception: BaseException | None
+    after: Snapshot | None
+    peak: tuple[int | None, str] | None
+    peak_error: str | None
 
 
 def device_free_bytes(snapshot: Mapping[str, Any] | None) -> int | None:
@@ -86,6 +105,44 @@ def cached_nodes(messages: list[Any]) -> list[str]:
     return []
 
 
+def node_timings(
+    nodes: Mapping[str, list[Any]], cached: set[str], workflow: Mapping[str, Any], dynprompt: Any = None
+) -> list[NodeTiming]:
+    """NodeTiming records from the worker's ``[seconds, calls, class type]`` lists, plus ComfyUI's cached nodes."""
+
+    def class_of(node_id: str) -> str:
+        node = workflow.get(node_id)
+        if isinstance(node, Mapping):
+            return str(node.get("class_type", ""))
+        if dynprompt is not None:  # a node another node expanded into (not in the submitted prompt)
+            try:
+                return str(dynprompt.get_node(node_id).get("class_type", ""))
+            except Exception:
+                return ""
+        return ""
+
+    out = [
+        NodeTiming(
+            NodeId=node_id,
+            ClassType=ct if ct is not None else class_of(node_id),
+            Seconds=round(seconds, 6),
+            Calls=calls,
+            Cached=node_id in cached,
+        )
+        for node_id, (seconds, calls, ct) in nodes.items()
+    ]
+    out += [NodeTiming(NodeId=n, ClassType=class_of(n), Cached=True) for n in cached if n not in nodes]
+    return out
+
+
+def _copy(rec: PromptRecord, *, running: bool = False) -> PromptRecord:
+    """A reader's copy of a record another thread may be changing: one serialization (atomic under the GIL)."""
+    copy = PromptRecord.model_validate_json(rec.model_dump_json(exclude={"Workflow"}))
+    if running:
+        copy.Outcome = "running"
+    return copy
+
+
 def outputs_from_history(history_result: Mapping[str, Any] | None) -> list[OutputRef]:
     """Every file entry (``{filename, subfolder, type}``) in the prompt's UI outputs."""
     found: list[OutputRef] = []
@@ -113,7 +170,10 @@ def tags_from_graph(prompt: Mapping[str, Any] | None) -> dict[str, Any]:
     """Run tags set as literal widget values on TelemetryCapture nodes of the API prompt."""
     tags: dict[str, Any] = {}
     for node in (prompt or {}).values():
-        if not isinstance(node, Mapping) or node.get("class_type") != TAG_NODE:
+        # Runs on the prompt worker for every node of every prompt: the cheap test first.
+        if type(node) is not dict and not isinstance(node, Mapping):
+            continue
+        if node.get("class_type") != TAG_NODE:
             continue
         inputs = node.get("inputs") or {}
         for key in ("run_id", "scene_id"):
@@ -221,23 +281,33 @@ class Recorder:
             self._live[prompt_id] = live
             self.current_prompt_id = prompt_id
             self.version += 1
-        # Copy now, on this thread: by the time the writer runs, ended() may already have changed ``rec``.
-        # The workflow stays out of the copy (only the retry step at the end needs it).
-        workflow, rec.Workflow = rec.Workflow, None
-        running = rec.model_copy(deep=True)
-        rec.Workflow = workflow
-        self.writer.submit(lambda: self._persist(running, publish=True))
+        # No copy here: the writer serializes the live record in one pydantic-core call, which holds the GIL, so
+        # it sees either all or none of a concurrent change made on this thread (a span, a marker, a note).
+        self.writer.submit(lambda: self._persist_running(rec))
 
-    def node_called(self, prompt_id: str | None, node_id: str, class_type: str, seconds: float) -> None:
-        """One call of ComfyUI's per-node ``execute`` returned after ``seconds``."""
-        live = self._get_live(prompt_id)
+    def node_called(
+        self, prompt_id: str | None, node_id: str, class_type: str | None, seconds: float, dynprompt: Any = None
+    ) -> None:
+        """One call of ComfyUI's per-node ``execute`` returned after ``seconds``.
+
+        The hot path: called on the prompt worker once per node, so it only adds to a list. ``class_type`` may be
+        ``None``; it is then looked up at the end, in the workflow or in ``dynprompt`` (ComfyUI's DynamicPrompt,
+        which also knows the nodes a node expanded into).
+        """
+        # dict.get is atomic under the GIL; the lock is only needed to pick the current prompt.
+        live = self._live.get(prompt_id) if prompt_id else None
         if live is None:
-            return
+            live = self._get_live(prompt_id)
+            if live is None:
+                return
         t = live.nodes.get(node_id)
         if t is None:
-            t = live.nodes[node_id] = NodeTiming(NodeId=node_id, ClassType=class_type)
-        t.Seconds += seconds
-        t.Calls += 1
+            live.nodes[node_id] = [seconds, 1, class_type]
+        else:
+            t[0] += seconds
+            t[1] += 1
+        if dynprompt is not None and live.dynprompt is None:
+            live.dynprompt = dynprompt
 
     def span_start(self, node_id: str, label: str, prompt_id: str | None = None) -> None:
         """Open a TelemetryCapture span (idempotent: ComfyUI may ask a lazy node twice)."""
@@ -296,8 +366,9 @@ class Recorder:
         *,
         exception: BaseException | None = None,
     ) -> None:
-        """The executor returned: outcome, outputs, node timings, snapshot after; the rest goes to the writer."""
+        """The executor returned: take the time and the snapshot after; the writer builds the final record."""
         end_perf = self._perf()
+        now = self._clock()
         with self._lock:
             live = self._live.pop(prompt_id, None)
             if self.current_prompt_id == prompt_id:
@@ -307,45 +378,24 @@ class Recorder:
             self.version += 1
         if live is None:
             return
-        rec = live.record
-        rec.DurationSeconds = round(end_perf - live.started_perf, 6)
-        rec.EndedAt = iso(self._clock())
-        outcome, data, success_at = outcome_from_messages(status_messages or [])
-        if exception is not None:
-            outcome = "error"
-            data = {"exception_message": str(exception), "exception_type": type(exception).__name__}
-        rec.Outcome = outcome  # type: ignore[assignment]
-        if success_at is not None:
-            rec.ExecutionSuccessAt = iso(success_at)
-        if outcome != "success":
-            rec.Error = PromptError(
-                NodeId=str(data["node_id"]) if data.get("node_id") is not None else None,
-                NodeType=data.get("node_type"),
-                ExceptionType=data.get("exception_type") or ("Interrupted" if outcome == "interrupted" else None),
-                Message=data.get("exception_message")
-                or ("Interrupted by the user" if outcome == "interrupted" else None),
-            )
-        cached = set(cached_nodes(status_messages or []))
-        workflow = rec.Workflow or {}
-        for node_id in cached:
-            if node_id not in live.nodes:
-                ct = (workflow.get(node_id) or {}).get("class_type", "")
-                live.nodes[node_id] = NodeTiming(NodeId=node_id, ClassType=ct, Cached=True)
-        for t in live.nodes.values():
-            t.Seconds = round(t.Seconds, 6)
-            if t.NodeId in cached:
-                t.Cached = True
-        rec.Nodes = list(live.nodes.values())
-        rec.Outputs = outputs_from_history(history_result)
-        rec.After = self._safe_snapshot(rec)
+        after = self._safe_snapshot(live.record)
+        peak = peak_error = None
         if self._peak is not None:
             try:
-                peak, method = self._peak[1](live.peak_start)
-                rec.PeakVram.Bytes, rec.PeakVram.Method = peak, method
-                rec.PeakVram.MB = round(peak / MIB, 1) if peak is not None else None
+                peak = self._peak[1](live.peak_start)
             except Exception as exc:
-                rec.PeakVram.Method = f"unavailable: {type(exc).__name__}: {exc}"
-        self.writer.submit(lambda: self._finish(rec))
+                peak_error = f"unavailable: {type(exc).__name__}: {exc}"
+        end = _End(
+            perf=end_perf,
+            clock=now,
+            messages=list(status_messages or []),
+            outputs=dict((history_result or {}).get("outputs") or {}),
+            exception=exception,
+            after=after,
+            peak=peak,
+            peak_error=peak_error,
+        )
+        self.writer.submit(lambda: self._finish(live, end))
 
     # --- reads (routes) ---
 
@@ -354,10 +404,10 @@ class Recorder:
         with self._lock:
             live = self._live.get(prompt_id)
             if live is not None:
-                return live.record.model_copy(deep=True)
+                return _copy(live.record)
             finishing = self._finishing.get(prompt_id)
             if finishing is not None:
-                return finishing.model_copy(update={"Outcome": "running"}, deep=True)
+                return _copy(finishing, running=True)
             rec = self._recent.get(prompt_id)
         if rec is not None:
             return rec
@@ -366,8 +416,8 @@ class Recorder:
     def recent(self, limit: int) -> list[PromptRecord]:
         """Newest prompts first: running and queued, then finished."""
         with self._lock:
-            live = [lv.record.model_copy(deep=True) for lv in self._live.values()]
-            live += [r.model_copy(update={"Outcome": "running"}, deep=True) for r in self._finishing.values()]
+            live = [_copy(lv.record) for lv in self._live.values()]
+            live += [_copy(r, running=True) for r in self._finishing.values()]
             done = list(reversed(self._recent.values()))
         out = live + done
         if len(out) < limit:
@@ -416,7 +466,47 @@ class Recorder:
                 rec.FallbackNotes.append(note)
         return snap
 
-    def _finish(self, rec: PromptRecord) -> None:
+    def _complete(self, live: _Live, end: _End) -> PromptRecord:
+        """Fill the final record from what the worker captured (writer thread; the worker no longer touches it)."""
+        rec = live.record
+        rec.DurationSeconds = round(end.perf - live.started_perf, 6)
+        rec.EndedAt = iso(end.clock)
+        outcome, data, success_at = outcome_from_messages(end.messages)
+        if end.exception is not None:
+            outcome = "error"
+            data = {"exception_message": str(end.exception), "exception_type": type(end.exception).__name__}
+        rec.Outcome = outcome  # type: ignore[assignment]
+        if success_at is not None:
+            rec.ExecutionSuccessAt = iso(success_at)
+        if outcome != "success":
+            rec.Error = PromptError(
+                NodeId=str(data["node_id"]) if data.get("node_id") is not None else None,
+                NodeType=data.get("node_type"),
+                ExceptionType=data.get("exception_type") or ("Interrupted" if outcome == "interrupted" else None),
+                Message=data.get("exception_message")
+                or ("Interrupted by the user" if outcome == "interrupted" else None),
+            )
+        cached = set(cached_nodes(end.messages))
+        rec.Nodes = node_timings(live.nodes, cached, rec.Workflow or {}, live.dynprompt)
+        rec.Outputs = outputs_from_history({"outputs": end.outputs})
+        rec.After = end.after
+        if end.peak is not None:
+            peak, method = end.peak
+            rec.PeakVram.Bytes, rec.PeakVram.Method = peak, method
+            rec.PeakVram.MB = round(peak / MIB, 1) if peak is not None else None
+        elif end.peak_error is not None:
+            rec.PeakVram.Method = end.peak_error
+        return rec
+
+    def _finish(self, live: _Live, end: _End) -> None:
+        try:
+            rec = self._complete(live, end)
+        except Exception as exc:  # never lose the prompt: store what there is, say why the rest is missing
+            logger.exception("Run Telemetry: building the record of prompt %s failed", live.record.PromptId)
+            rec = live.record
+            if rec.Outcome not in FINAL_OUTCOMES:
+                rec.Outcome = "error"
+            rec.FallbackNotes.append(f"record incomplete: {type(exc).__name__}: {exc}")
         for name, fn in self._finishers:
             try:
                 fn(rec)
@@ -424,11 +514,11 @@ class Recorder:
                 logger.exception("Run Telemetry: finishing step %s failed for prompt %s", name, rec.PromptId)
                 rec.FallbackNotes.append(f"{name} failed: {type(exc).__name__}: {exc}")
         rec.Workflow = None  # needed only by the finishers (retry); keeps stored records small
-        self._persist(rec, publish=False)
-        body = rec.model_dump_json(exclude={"Workflow"}).encode()
+        body = rec.model_dump_json(exclude={"Workflow"})
+        self._store(rec, body)
         with self._lock:
             self._recent[rec.PromptId] = rec
-            self._final_json[rec.PromptId] = body
+            self._final_json[rec.PromptId] = body.encode()
             while len(self._final_json) > self._recent_size:
                 self._final_json.popitem(last=False)
             self._finishing.pop(rec.PromptId, None)
@@ -437,24 +527,26 @@ class Recorder:
                 self._recent.popitem(last=False)
         self._publish(rec)
 
-    def _persist(self, rec: PromptRecord, *, publish: bool) -> None:
-        if rec.Outcome not in FINAL_OUTCOMES:
-            # A queued/running write that lands after the prompt finished must not overwrite the final record.
-            with self._lock:
-                if rec.PromptId in self._recent:
-                    return
-                if rec.PromptId in self._finishing:
-                    # Ended on the worker, final write queued behind this one: still store the running row, so a
-                    # kill while its markers are written leaves a row the next start marks as cut off; only the
-                    # stale "running" event is not published.
-                    publish = False
+    def _persist_running(self, rec: PromptRecord) -> None:
+        """Store the row of a prompt that started (a kill leaves it for the next start to mark as cut off)."""
+        with self._lock:
+            live = self._live.get(rec.PromptId)
+            # Already ended on the worker (final write queued behind this one): still store the running row, so a
+            # kill while its markers are written leaves a row the next start marks as cut off; only the stale
+            # "running" event is not published.
+            publish = live is not None and live.record is rec
+        body = rec.model_dump_json(exclude={"Workflow"})  # one call: a consistent view (see started)
+        running = PromptRecord.model_validate_json(body)
+        self._store(running, body)
+        if publish:
+            self._publish(running)
+
+    def _store(self, rec: PromptRecord, body: str) -> None:
         try:
-            self.store.put(rec)
+            self.store.put_json(rec.PromptId, rec.RunId, rec.SceneId, rec.Outcome, body)
         except Exception as exc:
             logger.exception("Run Telemetry: could not store prompt %s", rec.PromptId)
             rec.FallbackNotes.append(f"store write failed: {type(exc).__name__}: {exc}")
-        if publish:
-            self._publish(rec)
 
     def _publish(self, rec: PromptRecord) -> None:
         for fn in self._listeners:

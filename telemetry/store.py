@@ -78,18 +78,15 @@ class Store:
 
     def put(self, rec: PromptRecord) -> None:
         """Insert or replace one record."""
+        self.put_json(rec.PromptId, rec.RunId, rec.SceneId, rec.Outcome, rec.model_dump_json(exclude={"Workflow"}))
+
+    def put_json(self, prompt_id: str, run_id: str | None, scene_id: str | None, outcome: str, record: str) -> None:
+        """Insert or replace one record already serialized (``record`` is its JSON, without the workflow)."""
         with self._conn() as c:
             c.execute(
                 "INSERT OR REPLACE INTO prompts(prompt_id, run_id, scene_id, outcome, updated_at, record)"
                 " VALUES (?,?,?,?,?,?)",
-                (
-                    rec.PromptId,
-                    rec.RunId,
-                    rec.SceneId,
-                    rec.Outcome,
-                    time.time(),
-                    rec.model_dump_json(exclude={"Workflow"}),
-                ),
+                (prompt_id, run_id, scene_id, outcome, time.time(), record),
             )
         self._writes_since_prune += 1
         if self._writes_since_prune >= 100:

@@ -13,21 +13,22 @@ Job = Callable[[], None]
 
 
 class Writer:
-    """Runs submitted jobs in order on one daemon thread, which blocks (does not poll) while idle."""
+    """Runs submitted jobs in order on one daemon thread, which blocks (does not poll) while idle.
+
+    ``submit`` runs on ComfyUI's prompt worker twice per prompt, so it is one put on a C-implemented queue.
+    """
 
     def __init__(self, name: str = "run-telemetry-writer") -> None:
-        self._q: queue.Queue[Job | None] = queue.Queue()
+        self._q: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
         self._name = name
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
-        self._idle = threading.Condition()
-        self._pending = 0
 
     def submit(self, job: Job) -> None:
-        """Queue ``job``; the thread starts on first use."""
-        with self._idle:
-            self._pending += 1
-        self._ensure_thread()
+        """Queue ``job``; the thread starts on first use (and again if it ever ended)."""
+        thread = self._thread
+        if thread is None or not thread.is_alive():
+            self._ensure_thread()
         self._q.put(job)
 
     def _ensure_thread(self) -> None:
@@ -45,16 +46,12 @@ class Writer:
                 job()
             except Exception:  # a failed write must never kill the thread that serves every later prompt
                 logger.exception("Run Telemetry: a background write failed")
-            finally:
-                with self._idle:
-                    self._pending -= 1
-                    if self._pending == 0:
-                        self._idle.notify_all()
 
     def flush(self, timeout: float | None = 10.0) -> bool:
-        """Wait until every submitted job has run; return False on timeout."""
-        with self._idle:
-            return self._idle.wait_for(lambda: self._pending == 0, timeout)
+        """Wait until every job submitted before this call has run; return False on timeout."""
+        done = threading.Event()
+        self.submit(done.set)  # one thread, in order: when this runs, everything before it has
+        return done.wait(timeout)
 
     def stop(self, timeout: float = 10.0) -> None:
         """Finish queued jobs and end the thread."""
