@@ -38,7 +38,7 @@ def install() -> runtime.Runtime | None:
             output_dir=runtime.output_directory,
             snapshot=build_snapshot(),
             pending=lambda pid: _is_pending(server, pid),
-            send=lambda event, data: server.send_sync(event, data),
+            send=lambda event, data: _send(server, event, data),
             peak=build_peak_meter(),
         )
         runtime.set_runtime(rt)
@@ -101,6 +101,13 @@ def on_prompt(json_data: Any) -> Any:
     except Exception:
         logger.exception("Run Telemetry: submission handler failed")
     return json_data
+
+
+def _send(server: Any, event: str, data: Any) -> None:
+    """Broadcast a websocket event, unless no client is connected (every send wakes the server's event loop)."""
+    if getattr(server, "sockets", None) == {}:
+        return
+    server.send_sync(event, data)
 
 
 def _is_pending(server: Any, prompt_id: str) -> bool:

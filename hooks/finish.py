@@ -67,8 +67,9 @@ def install_finishers(rt: Runtime) -> None:
 
     def clear_stale_markers(rec: PromptRecord, prompt: Mapping[str, Any]) -> None:
         """At start: forget last run's markers for every declared prefix, and declare them for the end."""
-        out = rt.output_dir()
-        for node_id, prefix, sha in declared_markers(prompt):
+        declared = declared_markers(prompt)
+        out = rt.output_dir() if declared else None  # resolving the folder costs more than scanning the prompt
+        for node_id, prefix, sha in declared:
             rec.Markers.append(MarkerState(NodeId=node_id, Prefix=prefix, Sha256=sha))
             try:
                 clear_markers(out, prefix)

@@ -19,9 +19,17 @@ def _snapshot(data: dict[str, Any] | None) -> SystemSnapshot | None:
         return None
 
 
-def gpu_block(rec: PromptRecord) -> dict[str, Any]:
+Snapshots = tuple[SystemSnapshot | None, SystemSnapshot | None]
+
+
+def snapshots(rec: PromptRecord) -> Snapshots:
+    """The record's before/after snapshots as models (``None`` where missing or unreadable)."""
+    return _snapshot(rec.Before), _snapshot(rec.After)
+
+
+def gpu_block(rec: PromptRecord, parsed: Snapshots | None = None) -> dict[str, Any]:
     """``Telemetry.GPU`` from the record's before/after snapshots (the probe module's rounding); never blank."""
-    before, after = _snapshot(rec.Before), _snapshot(rec.After)
+    before, after = parsed or snapshots(rec)
     before = before or after
     after = after or before
     if before is None or after is None:
@@ -31,9 +39,9 @@ def gpu_block(rec: PromptRecord) -> dict[str, Any]:
     ).to_json_dict()
 
 
-def system_block(rec: PromptRecord) -> dict[str, Any]:
+def system_block(rec: PromptRecord, parsed: Snapshots | None = None) -> dict[str, Any]:
     """``Telemetry.System``: both snapshots and every fallback note of the prompt, each once."""
-    before, after = _snapshot(rec.Before), _snapshot(rec.After)
+    before, after = parsed or snapshots(rec)
     notes = list(rec.FallbackNotes)
     if before is not None and after is not None:
         block = build_system_block(before, after).to_json_dict()
@@ -57,6 +65,7 @@ def telemetry_block(rec: PromptRecord, policy: QueuePolicy | None, *, history_at
     policy = policy or QueuePolicy()
     attempts = int(history_attempts)
     reason = exit_reason(rec, policy)
+    parsed = snapshots(rec)  # once for both blocks: this runs for every prompt on the writer thread
     data: dict[str, Any] = {
         "PromptId": rec.PromptId,
         "DurationSeconds": rec.DurationSeconds or 0.0,
@@ -74,8 +83,8 @@ def telemetry_block(rec: PromptRecord, policy: QueuePolicy | None, *, history_at
         "PostExecutionTimeoutSeconds": policy.post_execution_timeout_seconds,
         "HistoryPostExecutionTimeoutReached": reason == "postExecution",
         "SceneRetryBudget": policy.scene_retry_budget,
-        "GPU": gpu_block(rec),
-        "System": system_block(rec),
+        "GPU": gpu_block(rec, parsed),
+        "System": system_block(rec, parsed),
         "ForcedCopyTriggered": False,
     }
     done = [m for m in rec.Markers if m.State == "written"]

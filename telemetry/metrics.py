@@ -185,6 +185,9 @@ class TelemetryMetrics:
         self.max_class_types = max(0, int(max_class_types))
         self._lock = threading.Lock()
         self._class_types: set[str] = set()
+        # Label children by raw class type: observe() runs once per node per prompt on the writer thread, and
+        # prometheus_client's labels() (sorting, validation, a lock) costs several times the observation itself.
+        self._node_children: dict[str, tuple[Any, Any]] = {}
         self._seen: OrderedDict[str, None] = OrderedDict()
         r = self.registry
         self.prompts = Counter(f"{PREFIX}_prompts", "Prompts that ended, by outcome.", ["outcome"], registry=r)
@@ -280,10 +283,16 @@ class TelemetryMetrics:
         if record.QueueWaitSeconds is not None:
             self.queue_wait.observe(max(0.0, record.QueueWaitSeconds))
         for node in record.Nodes:
+            children = self._node_children.get(node.ClassType)
+            if children is None:
+                label = self._class_label(node.ClassType)
+                children = (self.node_duration.labels(class_type=label), self.nodes_cached.labels(class_type=label))
+                if len(self._node_children) < 4 * self.max_class_types + 64:  # bounded like the labels themselves
+                    self._node_children[node.ClassType] = children
             if node.Cached:
-                self.nodes_cached.labels(class_type=self._class_label(node.ClassType)).inc()
+                children[1].inc()
             elif node.Calls > 0:
-                self.node_duration.labels(class_type=self._class_label(node.ClassType)).observe(max(0.0, node.Seconds))
+                children[0].observe(max(0.0, node.Seconds))
         peak = record.PeakVram.Bytes
         if peak is not None and peak >= 0:
             self.peak_vram.observe(float(peak))
