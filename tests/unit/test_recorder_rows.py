@@ -1,0 +1,125 @@
+"""When the recorder writes a prompt's running row and event, and what the worker-side path hands the writer."""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from telemetry.recorder import Recorder
+from telemetry.records import MarkerState, PromptRecord
+from telemetry.store import Store
+from telemetry.writer import Writer
+
+SUCCESS = [["execution_start", {"timestamp": 1}], ["execution_success", {"timestamp": time.time() * 1000}]]
+
+
+def snapshot() -> dict[str, Any]:
+    dev = {"Name": "cpu", "Type": "cpu", "VramTotal": 8 << 30, "VramFree": 4 << 30}
+    return {"Timestamp": "2026-11-24T00:00:00.000Z", "Source": "system-ram", "Device": dev, "Devices": [dev]}
+
+
+def make(tmp_path: Path, delay: float) -> tuple[Recorder, Store, Writer, list[tuple[str, str]]]:
+    store = Store(tmp_path / "t.sqlite3")
+    writer = Writer()
+    rec = Recorder(store, writer, snapshot, running_row_delay=delay)
+    events: list[tuple[str, str]] = []
+    rec.add_listener(lambda r: events.append((r.PromptId, r.Outcome)))
+    return rec, store, writer, events
+
+
+def test_a_prompt_running_past_the_delay_gets_its_running_row_and_event(tmp_path: Path) -> None:
+    rec, store, writer, events = make(tmp_path, 0.05)
+    stored: list[str | None] = []
+    rec.add_listener(lambda r: stored.append((store.get(r.PromptId) or PromptRecord(PromptId="?")).Outcome))
+    running = threading.Event()
+    rec.add_listener(lambda r: running.set())
+    t0 = time.monotonic()
+    rec.started("long", {"1": {"class_type": "EmptyImage", "inputs": {}}}, {})
+    assert running.wait(10)
+    assert time.monotonic() - t0 >= 0.05
+    assert events == [("long", "running")] and stored == ["running"]
+    rec.ended("long", SUCCESS, {"outputs": {}})
+    assert writer.flush(10)
+    assert events[-1] == ("long", "success") and store.get("long").Outcome == "success"
+    writer.stop()
+
+
+def test_a_prompt_ending_before_the_delay_writes_only_its_final_row(tmp_path: Path) -> None:
+    rec, store, writer, events = make(tmp_path, 3600)
+    puts: list[str] = []
+    original = store.put_json
+    store.put_json = lambda *a: (puts.append(a[3]), original(*a))[1]  # type: ignore[method-assign]
+    rec.started("quick", {}, {})
+    rec.node_called("quick", "1", None, 0.001)
+    rec.ended("quick", SUCCESS, {"outputs": {}})
+    assert writer.flush(10)  # runs the delayed running-row job too: it finds the prompt ended and does nothing
+    assert puts == ["success"]
+    assert events == [("quick", "success")]
+    writer.stop()
+
+
+def test_markers_get_the_running_row_stored_before_they_are_written(tmp_path: Path) -> None:
+    """A kill while the marker is written must leave a row for the next start to mark as cut off."""
+    rec, store, writer, events = make(tmp_path, 3600)
+    seen_by_marker_step: list[str | None] = []
+
+    def marker_step(r: PromptRecord) -> None:
+        row = store.get(r.PromptId)
+        seen_by_marker_step.append(row.Outcome if row else None)
+
+    rec.add_finisher("done marker", marker_step)
+    rec.started("m", {}, {})
+    rec.declare_marker("9", "frames/x", 1, False, prompt_id="m")
+    rec.ended("m", SUCCESS, {"outputs": {}})
+    assert writer.flush(10)
+    assert seen_by_marker_step == ["running"]
+    assert store.get("m").Outcome == "success" and store.get("m").Markers == [
+        MarkerState(NodeId="9", Prefix="frames/x", FrameCount=1)
+    ]
+    assert events == [("m", "success")]  # the forced row publishes no stale running event
+    writer.stop()
+
+
+def test_node_timings_resolve_class_types_at_the_end(tmp_path: Path) -> None:
+    rec, store, writer, _ = make(tmp_path, 3600)
+
+    class Dyn:  # ComfyUI's DynamicPrompt: knows nodes a node expanded into
+        def get_node(self, node_id: str) -> dict[str, Any]:
+            return {"class_type": "Expanded"} if node_id == "5.0.1" else {}
+
+    prompt = {"1": {"class_type": "EmptyImage", "inputs": {}}, "2": {"class_type": "ImageInvert", "inputs": {}}}
+    rec.started("n", prompt, {})
+    for node_id, seconds in (("1", 0.25), ("5.0.1", 0.5), ("1", 0.125)):
+        rec.node_called("n", node_id, None, seconds, Dyn())
+    rec.ended("n", [["execution_cached", {"nodes": ["2"]}], *SUCCESS], {"outputs": {}})
+    assert writer.flush(10)
+    nodes = {n.NodeId: (n.ClassType, n.Seconds, n.Calls, n.Cached) for n in store.get("n").Nodes}
+    assert nodes == {
+        "1": ("EmptyImage", 0.375, 2, False),
+        "5.0.1": ("Expanded", 0.5, 1, False),
+        "2": ("ImageInvert", 0.0, 0, True),
+    }
+    writer.stop()
+
+
+def test_the_websocket_event_is_sent_only_while_a_client_is_connected() -> None:
+    from tests.pkg import load, sub
+
+    load()
+    send = sub("hooks")._send
+
+    class Server:  # the two attributes of ComfyUI's PromptServer the event uses
+        def __init__(self) -> None:
+            self.sockets: dict[str, Any] = {}
+            self.sent: list[str] = []
+
+        def send_sync(self, event: str, data: Any) -> None:
+            self.sent.append(event)
+
+    server = Server()
+    send(server, "telemetry.prompt", {})
+    server.sockets["client-1"] = object()
+    send(server, "telemetry.prompt", {})
+    assert server.sent == ["telemetry.prompt"]
