@@ -443,7 +443,19 @@ class Recorder:
             if prompt_id in self._live or prompt_id in self._finishing:
                 return None  # running again (a reused prompt id): the old final body is not the answer
             body = self._final_json.get(prompt_id)
-        return body if body is not None else self.store.final_json(prompt_id)
+            if body is not None:
+                self._final_json.move_to_end(prompt_id)  # least recently used goes first
+                return body
+            version = self.version
+        body = self.store.final_json(prompt_id)
+        if body is not None:
+            with self._lock:
+                # Only if nothing changed meanwhile (the id may have started again): final bodies never change.
+                if self.version == version:
+                    self._final_json[prompt_id] = body
+                    while len(self._final_json) > self._recent_size:
+                        self._final_json.popitem(last=False)
+        return body
 
     # --- internals ---
 
