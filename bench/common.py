@@ -24,6 +24,7 @@ from harness.comfy import ComfyServer, get_install, scratch_dir  # noqa: E402
 
 TEST_NODES = REPO / "tests" / "comfy" / "rt_test_nodes"
 TIMER_NODE = REPO / "bench" / "timer_node"
+NULL_ROUTE = REPO / "bench" / "null_route"
 RESULTS = REPO / "bench" / "results"
 PACKAGE_FOLDER = "ComfyUI-Run-Telemetry"
 DEFAULT_VERSION = "0.3.75"
@@ -135,11 +136,14 @@ def make_bench_server(
     env: dict[str, str] | None = None,
     extra_args: Sequence[str] = (),
     timer: bool = True,
+    null_route: bool = False,
 ) -> ComfyServer:
     """A not-yet-started ComfyUI with the test nodes (and the bench timer), with or without Run Telemetry."""
     packages: dict[str, Path] = {"rt_test_nodes": TEST_NODES}
     if timer:
         packages["rt_bench_timer"] = TIMER_NODE
+    if null_route:
+        packages["rt_bench_null_route"] = NULL_ROUTE
     if with_package:
         packages[PACKAGE_FOLDER] = REPO
     label = "with" if with_package else "without"
