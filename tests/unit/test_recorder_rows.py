@@ -123,3 +123,22 @@ def test_the_websocket_event_is_sent_only_while_a_client_is_connected() -> None:
     server.sockets["client-1"] = object()
     send(server, "telemetry.prompt", {})
     assert server.sent == ["telemetry.prompt"]
+
+
+def test_final_bodies_read_from_the_store_are_kept_for_the_next_reader(tmp_path: Path) -> None:
+    store = Store(tmp_path / "t.sqlite3")
+    writer = Writer()
+    rec = Recorder(store, writer, snapshot, recent_size=2)
+    for pid in ("a", "b", "c"):
+        rec.started(pid, {}, {})
+        rec.ended(pid, SUCCESS, {"outputs": {}})
+    assert writer.flush(10)
+    reads: list[str] = []
+    original = store.final_json
+    store.final_json = lambda pid: (reads.append(pid), original(pid))[1]  # type: ignore[method-assign]
+    first, second = rec.final_json("a"), rec.final_json("a")  # "a" fell out of memory: one store read
+    assert first == second and PromptRecord.model_validate_json(first).Outcome == "success"
+    assert reads == ["a"]
+    rec.started("a", {}, {})  # the id is reused: the old final body is not the answer any more
+    assert rec.final_json("a") is None
+    writer.stop()
