@@ -30,15 +30,18 @@ from __future__ import annotations
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import datetime
+from functools import lru_cache
 from typing import Any
 
-from .models import ArtifactMetadata, AttemptSummary, Scene, parse_iso8601, poll_limit_text
+from .models import HISTORY_EXIT_REASONS, ArtifactMetadata, Scene, parse_iso8601, poll_limit_text
 
 __all__ = [
     "NOTE_SEPARATOR",
     "ParsedSummary",
     "TelemetryLine",
     "format_number",
+    "iso_clock",
     "one_line",
     "parse_summary",
     "render_summary",
@@ -52,11 +55,24 @@ _TELEMETRY = re.compile(r"^\[Scene (?P<id>.+?)\] Telemetry: (?P<body>.*)$")
 _FRAME_FLOOR = re.compile(r"^\[Scene (?P<id>.+?)\] WARNING: Frame count below floor\b")
 _HISTORY = re.compile(r"^\[Scene (?P<id>.+?)\] HISTORY (?:WARNING|ERROR)\b")
 _QUEUE_POLICY = "Queue policy: "
+_TIME_PREFIX_LENGTH = len("[HH:MM:SS] ")
+# The prefix and fixed text each scene pattern needs: cheap tests before the regular expressions.
+_SCENE_PREFIX = "[Scene "
+_TELEMETRY_TEXT = "] Telemetry: "
+_FRAME_FLOOR_TEXT = "] WARNING: Frame count below floor"
+_HISTORY_TEXT = "] HISTORY "
+_LINE_BREAK = re.compile(r"\r\n|\r|\n")
+# The form this package writes times in (iso_utc); its clock is the text between 'T' and '.'.
+_UTC_MILLIS = re.compile(r"[0-9]{4}-[0-9]{2}-[0-9]{2}T[0-9]{2}:[0-9]{2}:[0-9]{2}\.[0-9]{3}Z")
+_EXIT_REASONS = frozenset(HISTORY_EXIT_REASONS)
+# Floats are exact up to 2**53; a larger int in a float field is left to the model.
+_EXACT_INT = 1 << 53
 
 
 def one_line(text: object) -> str:
     """``text`` with every line break (CRLF, CR or LF) replaced by one space, as summary lines carry values."""
-    return re.sub(r"\r\n|\r|\n", " ", str(text))
+    text = str(text)
+    return _LINE_BREAK.sub(" ", text) if "\n" in text or "\r" in text else text
 
 
 def format_number(value: float | int) -> str:
@@ -65,13 +81,27 @@ def format_number(value: float | int) -> str:
     return str(int(rounded)) if rounded.is_integer() else f"{rounded:.1f}"
 
 
+def iso_clock(text: str) -> str | None:
+    """``HH:MM:SS`` (UTC) of an ISO 8601 time, or ``None`` when ``text`` is not one (see :func:`parse_iso8601`)."""
+    if len(text) == 24 and _UTC_MILLIS.fullmatch(text):
+        # parse_iso8601 would build this same datetime and add the milliseconds, which never carry into the seconds.
+        try:
+            datetime.fromisoformat(text[:19])
+        except ValueError:
+            return None
+        return text[11:19]
+    try:
+        return parse_iso8601(text).strftime("%H:%M:%S")
+    except ValueError:
+        return None
+
+
 def _clock(*candidates: str | None) -> str:
     for candidate in candidates:
         if candidate:
-            try:
-                return parse_iso8601(candidate).strftime("%H:%M:%S")
-            except ValueError:
-                continue
+            clock = iso_clock(candidate)
+            if clock is not None:
+                return clock
     return "00:00:00"
 
 
@@ -107,97 +137,251 @@ def _llm_line(run: ArtifactMetadata) -> str | None:
     return f"{line} error={one_line(llm.error)}" if llm.error else line
 
 
-def _attempt_line(scene: Scene, attempt: AttemptSummary | None, number: int) -> str:
-    if attempt is None:
-        frames, duration, prefix = scene.frame_count, scene.telemetry.duration_seconds, scene.frame_prefix
-    else:
-        frames, duration = attempt.frame_count, attempt.duration_seconds
-        prefix = attempt.frame_prefix if attempt.frame_prefix is not None else scene.frame_prefix
+# --- scenes, read from plain data ------------------------------------------------------------------------------------
+#
+# Scenes are rendered from their JSON form (``Scene.to_json_dict()`` or what ``assemble_run`` builds), reading only the
+# fields the summary shows. Each read checks the value is what the Scene model would hold after validation (a bool, an
+# int, an int or float >= 0, ...); anything else raises _NotPlain and the whole run is validated into ArtifactMetadata
+# first, so such input renders (or fails) exactly as it always did.
+
+
+class _NotPlain(Exception):
+    """A scene field is not in the form the model would hold; validate the run with the model instead."""
+
+
+_LEFT_OUT = object()
+
+
+def _is_float(value: Any) -> bool:
+    # What a float field holds after validation: a float, or an int a float holds exactly (the model converts it).
+    kind = type(value)
+    return kind is float or (kind is int and -_EXACT_INT <= value <= _EXACT_INT)
+
+
+def _optional_text(value: Any, key: str) -> str | None:
+    if value is None or type(value) is str:
+        return value
+    raise _NotPlain(key)
+
+
+def _optional_count(value: Any, key: str, minimum: int = 0) -> int | None:
+    if value is None or (type(value) is int and value >= minimum):
+        return value
+    raise _NotPlain(key)
+
+
+def _optional_flag(value: Any, key: str) -> bool | None:
+    if value is None or type(value) is bool:
+        return value
+    raise _NotPlain(key)
+
+
+def _texts(obj: dict[str, Any], key: str, *, required: bool = False) -> list[str]:
+    # A list field: left out means empty unless required; null is not a list.
+    value = obj.get(key, _LEFT_OUT)
+    if value is _LEFT_OUT and not required:
+        return []
+    if type(value) is not list or any(type(item) is not str for item in value):
+        raise _NotPlain(key)
+    return value
+
+
+@lru_cache(maxsize=256)
+def _cached_seconds(value: int) -> str:
+    # The policy's figures repeat on every scene.
+    return _seconds(value)
+
+
+class _SceneTelemetry:
+    """The fields of a scene's ``Telemetry`` the summary shows, checked as the model would hold them."""
+
+    __slots__ = ("attempts", "duration", "line", "queue_end", "reason")
+
+    def __init__(self, t: Any, label: str) -> None:
+        if type(t) is not dict:
+            raise _NotPlain("Telemetry")
+        get = t.get
+        duration, max_wait, poll = get("DurationSeconds"), get("MaxWaitSeconds"), get("PollIntervalSeconds")
+        attempts, limit, budget = get("HistoryAttempts"), get("HistoryAttemptLimit"), get("SceneRetryBudget")
+        post, detected, success_at = (
+            get("PostExecutionTimeoutSeconds"),
+            get("ExecutionSuccessDetected"),
+            get("ExecutionSuccessAt"),
+        )
+        reason, queue_end, gpu, system = get("HistoryExitReason"), get("QueueEnd"), get("GPU"), get("System")
+        if not (
+            _is_float(duration)
+            and duration >= 0  # NaN fails, as the model's ge=0 does
+            and type(max_wait) is int
+            and type(poll) is int
+            and type(attempts) is int
+            and attempts >= 0
+            and type(limit) is int
+            and limit >= 0
+            and type(budget) is int
+            and type(post) is int
+            and type(detected) is bool
+            and (success_at is None or type(success_at) is str)
+            and type(reason) is str
+            and reason in _EXIT_REASONS
+            and (queue_end is None or type(queue_end) is str)
+            and type(gpu) is dict
+            and type(system) is dict
+        ):
+            raise _NotPlain("Telemetry")
+        name, before, after, delta = (
+            gpu.get("Name"),
+            gpu.get("VramBeforeMB"),
+            gpu.get("VramAfterMB"),
+            gpu.get("VramDeltaMB"),
+        )
+        if not (type(name) is str and _is_float(before) and _is_float(after) and _is_float(delta)):
+            raise _NotPlain("GPU")
+        notes = "".join(f"{NOTE_SEPARATOR}{one_line(note)}" for note in _texts(system, "FallbackNotes", required=True))
+        self.duration, self.attempts, self.reason, self.queue_end = duration, attempts, reason, queue_end
+        self.line = (
+            f"{label} Telemetry: DurationSeconds={duration:.1f}s"
+            f" | MaxWaitSeconds={_cached_seconds(max_wait)}"
+            f" | PollIntervalSeconds={_cached_seconds(poll)}"
+            f" | HistoryAttempts={attempts}"
+            f" | pollLimit={poll_limit_text(limit)}"
+            f" | SceneRetryBudget={budget}"
+            f" | PostExecutionTimeoutSeconds={_cached_seconds(post)}"
+            f" | ExecutionSuccessDetected={_bool(detected)}"
+            f" | ExecutionSuccessAt={_clock(success_at) if detected and success_at else 'n/a'}"
+            f" | HistoryExitReason={reason}"
+            f" | VRAMBeforeMB={format_number(before)}MB"
+            f" | VRAMAfterMB={format_number(after)}MB"
+            f" | VRAMDeltaMB={format_number(delta)}MB"
+            f" | gpu={one_line(name)}{notes}"
+        )
+
+
+def _scene_label(scene: Any) -> str:
+    if type(scene) is not dict:
+        raise _NotPlain("Scenes")
+    value = scene.get("SceneId")
+    if type(value) is str or type(value) is int:
+        return f"[Scene {one_line(value)}]"
+    raise _NotPlain("SceneId")
+
+
+def _attempt_line(label: str, number: int, frames: int | None, duration: float | int | None, prefix: str | None) -> str:
     return (
-        f"[Scene {one_line(scene.scene_id)}][Attempt {number}] Frames={'?' if frames is None else frames} "
+        f"{label}[Attempt {number}] Frames={'?' if frames is None else frames} "
         f"Duration={'?' if duration is None else f'{duration:.1f}'}s Prefix={one_line(prefix or '')}"
     )
 
 
+def _scene_lines(scene: Any, run_time: str | None, out: list[str]) -> None:
+    """Append the scene's timed lines to ``out``."""
+    label = _scene_label(scene)
+    t = _SceneTelemetry(scene.get("Telemetry"), label)
+    get = scene.get
+    frame_count = _optional_count(get("FrameCount"), "FrameCount")
+    frame_prefix = _optional_text(get("FramePrefix"), "FramePrefix")
+    summaries = get("AttemptSummaries", [])
+    if type(summaries) is not list:
+        raise _NotPlain("AttemptSummaries")
+    if not summaries:
+        # No AttemptSummaries: the scene itself stands for its last attempt.
+        number = _optional_count(get("AttemptsRun"), "AttemptsRun") or 1
+        when = _clock(t.queue_end, run_time)
+        out.append(f"[{when}] {_attempt_line(label, number, frame_count, t.duration, frame_prefix)}")
+    last_position = len(summaries) - 1
+    for position, attempt in enumerate(summaries):
+        if type(attempt) is not dict:
+            raise _NotPlain("AttemptSummaries")
+        number = _optional_count(attempt.get("Attempt"), "Attempt", 1)
+        inner = attempt.get("Telemetry")
+        if inner is not None and type(inner) is not dict:
+            raise _NotPlain("AttemptSummaries.Telemetry")
+        duration = attempt.get("DurationSeconds")
+        if duration is not None and not (_is_float(duration) and duration >= 0):
+            raise _NotPlain("AttemptSummaries.DurationSeconds")
+        prefix = _optional_text(attempt.get("FramePrefix"), "FramePrefix")
+        when = _clock(
+            _optional_text(attempt.get("QueueEnd"), "QueueEnd"),
+            _optional_text(inner.get("QueueEnd"), "QueueEnd") if inner is not None else None,
+            t.queue_end if position == last_position else None,
+            run_time,
+        )
+        line = _attempt_line(
+            label,
+            number if number is not None else position + 1,
+            _optional_count(attempt.get("FrameCount"), "FrameCount"),
+            duration,
+            prefix if prefix is not None else frame_prefix,
+        )
+        out.append(f"[{when}] {line}")
+    scene_time = _clock(t.queue_end, run_time)
+    out.append(f"[{scene_time}] {t.line}")
+    floor = _optional_count(get("FrameFloor"), "FrameFloor")
+    if frame_count is not None and floor is not None and frame_count < floor:
+        out.append(
+            f"[{scene_time}] {label} WARNING: Frame count below floor (FrameCount={frame_count}, FrameFloor={floor})"
+        )
+    if _optional_flag(get("HistoryRetrieved"), "HistoryRetrieved") is False:
+        level = "ERROR" if _optional_flag(get("Success"), "Success") is False else "WARNING"
+        detail = f"history not retrieved (HistoryExitReason={t.reason}, HistoryAttempts={t.attempts})"
+        errors = _texts(scene, "HistoryErrors")
+        if errors:
+            detail += ": " + "; ".join(one_line(error) for error in errors)
+        out.append(f"[{scene_time}] {label} HISTORY {level}: {detail}")
+
+
+def _scene_json(scene: Scene) -> dict[str, Any]:
+    return scene.model_dump(by_alias=True, exclude_none=True)
+
+
 def telemetry_line(scene: Scene) -> str:
     """The ``[Scene <id>] Telemetry: ...`` line (without the time prefix) for ``scene``."""
-    t = scene.telemetry
-    success_at = _clock(t.execution_success_at) if t.execution_success_detected and t.execution_success_at else "n/a"
-    parts = [
-        f"DurationSeconds={t.duration_seconds:.1f}s",
-        f"MaxWaitSeconds={_seconds(t.max_wait_seconds)}",
-        f"PollIntervalSeconds={_seconds(t.poll_interval_seconds)}",
-        f"HistoryAttempts={t.history_attempts}",
-        f"pollLimit={poll_limit_text(t.history_attempt_limit)}",
-        f"SceneRetryBudget={t.scene_retry_budget}",
-        f"PostExecutionTimeoutSeconds={_seconds(t.post_execution_timeout_seconds)}",
-        f"ExecutionSuccessDetected={_bool(t.execution_success_detected)}",
-        f"ExecutionSuccessAt={success_at}",
-        f"HistoryExitReason={t.history_exit_reason}",
-        f"VRAMBeforeMB={format_number(t.gpu.vram_before_mb)}MB",
-        f"VRAMAfterMB={format_number(t.gpu.vram_after_mb)}MB",
-        f"VRAMDeltaMB={format_number(t.gpu.vram_delta_mb)}MB",
-        f"gpu={one_line(t.gpu.name)}",
+    data = _scene_json(scene)
+    return _SceneTelemetry(data.get("Telemetry"), _scene_label(data)).line
+
+
+def _render(run: ArtifactMetadata, scenes: list[Any]) -> str:
+    header_time = _clock(run.timestamp)
+    lines = [
+        f"Run summary: RunId={one_line(run.run_id or 'unknown')} Timestamp={one_line(run.timestamp or 'unknown')}",
+        f"[{header_time}] {_queue_policy_line(run)}",
     ]
-    notes = "".join(f"{NOTE_SEPARATOR}{one_line(note)}" for note in t.system.fallback_notes)
-    return f"[Scene {one_line(scene.scene_id)}] Telemetry: {FIELD_SEPARATOR.join(parts)}{notes}"
-
-
-def _scene_lines(scene: Scene, run_time: str | None) -> list[tuple[str, str]]:
-    lines: list[tuple[str, str]] = []
-    t = scene.telemetry
-    attempts: list[AttemptSummary | None] = list(scene.attempt_summaries) or [None]
-    for position, attempt in enumerate(attempts):
-        if attempt is None:
-            # No AttemptSummaries: the scene itself stands for its last attempt.
-            number = scene.attempts_run or 1
-            when = _clock(t.queue_end, run_time)
-        else:
-            number = attempt.attempt if attempt.attempt is not None else position + 1
-            inner = attempt.telemetry.queue_end if attempt.telemetry else None
-            last = position == len(attempts) - 1
-            when = _clock(attempt.queue_end, inner, t.queue_end if last else None, run_time)
-        lines.append((when, _attempt_line(scene, attempt, number)))
-    scene_time = _clock(t.queue_end, run_time)
-    lines.append((scene_time, telemetry_line(scene)))
-    label = f"[Scene {one_line(scene.scene_id)}]"
-    if scene.frame_count is not None and scene.frame_floor is not None and scene.frame_count < scene.frame_floor:
-        lines.append(
-            (
-                scene_time,
-                f"{label} WARNING: Frame count below floor (FrameCount={scene.frame_count}, "
-                f"FrameFloor={scene.frame_floor})",
-            )
-        )
-    if scene.history_retrieved is False:
-        level = "ERROR" if scene.success is False else "WARNING"
-        detail = (
-            f"history not retrieved (HistoryExitReason={t.history_exit_reason}, HistoryAttempts={t.history_attempts})"
-        )
-        if scene.history_errors:
-            detail += ": " + "; ".join(one_line(error) for error in scene.history_errors)
-        lines.append((scene_time, f"{label} HISTORY {level}: {detail}"))
-    return lines
+    llm = _llm_line(run)
+    if llm is not None:
+        lines.append(f"[{header_time}] {llm}")
+    for scene in scenes:
+        _scene_lines(scene, run.timestamp, lines)
+    return "\n".join(lines) + "\n"
 
 
 def render_summary(metadata: ArtifactMetadata | Mapping[str, Any]) -> str:
-    """The run-summary.txt text for a run (validated into ArtifactMetadata first when given a mapping)."""
-    run = metadata if isinstance(metadata, ArtifactMetadata) else ArtifactMetadata.model_validate(metadata)
-    header_time = _clock(run.timestamp)
-    body: list[tuple[str, str]] = [(header_time, _queue_policy_line(run))]
-    llm = _llm_line(run)
-    if llm is not None:
-        body.append((header_time, llm))
-    for scene in run.scenes:
-        body.extend(_scene_lines(scene, run.timestamp))
-    title = f"Run summary: RunId={one_line(run.run_id or 'unknown')} Timestamp={one_line(run.timestamp or 'unknown')}"
-    return "\n".join([title, *(f"[{when}] {text}" for when, text in body)]) + "\n"
+    """The run-summary.txt text for a run.
+
+    A mapping is read as it is: the run's own fields through ArtifactMetadata, each scene's shown fields checked as they
+    are read. A scene field in any other form than the model would hold sends the whole run through
+    ``ArtifactMetadata.model_validate`` first (which raises ValidationError for invalid metadata).
+    """
+    if isinstance(metadata, ArtifactMetadata):
+        scenes: Any = [_scene_json(scene) for scene in metadata.scenes]
+        run = metadata
+    else:
+        scenes = metadata.get("Scenes") if isinstance(metadata, Mapping) else None
+        run = None
+        if type(scenes) is list:
+            run = ArtifactMetadata.model_validate({**metadata, "Scenes": []})
+    if run is not None:
+        try:
+            return _render(run, scenes)
+        except _NotPlain:
+            pass
+    run = ArtifactMetadata.model_validate(metadata)
+    return _render(run, [_scene_json(scene) for scene in run.scenes])
 
 
 # --- parsing --------------------------------------------------------------------------------------------------------
 
 
-@dataclass
+@dataclass(slots=True)
 class TelemetryLine:
     """A parsed ``[Scene <id>] Telemetry:`` line."""
 
@@ -230,7 +414,9 @@ def _split_pairs(text: str, separator: str) -> dict[str, str]:
     for part in text.split(separator):
         key, eq, value = part.partition("=")
         if eq:
-            pairs.setdefault(key.strip(), value.strip())
+            key = key.strip()
+            if key not in pairs:
+                pairs[key] = value.strip()
     return pairs
 
 
@@ -243,20 +429,24 @@ def parse_summary(text: str) -> ParsedSummary:
     # A summary may lack the title line; a timed first line is already content.
     has_title = bool(raw_lines) and not _TIME_PREFIX.match(raw_lines[0])
     parsed = ParsedSummary(title=raw_lines[0] if has_title else "")
+    lines = parsed.lines
     for raw in raw_lines[1:] if has_title else raw_lines:
-        content = _TIME_PREFIX.sub("", raw, count=1)
-        parsed.lines.append(content)
+        content = raw[_TIME_PREFIX_LENGTH:] if _TIME_PREFIX.match(raw) else raw
+        lines.append(content)
         if content.startswith(_QUEUE_POLICY):
             parsed.queue_policy = _split_pairs(content[len(_QUEUE_POLICY) :], ",")
-        elif match := _TELEMETRY.match(content):
+        elif not content.startswith(_SCENE_PREFIX):
+            continue
+        # Each pattern is only tried on a line holding its fixed text (most scene lines are attempt lines).
+        elif _TELEMETRY_TEXT in content and (match := _TELEMETRY.match(content)):
             body = match["body"]
             head, _, tail = body.partition(NOTE_SEPARATOR)
             notes = tail.split(NOTE_SEPARATOR) if tail or NOTE_SEPARATOR in body else []
             parsed.telemetry[match["id"]] = TelemetryLine(
                 scene_id=match["id"], text=body, fields=_split_pairs(head, FIELD_SEPARATOR), notes=notes
             )
-        elif match := _FRAME_FLOOR.match(content):
+        elif _FRAME_FLOOR_TEXT in content and (match := _FRAME_FLOOR.match(content)):
             parsed.frame_floor_warnings.add(match["id"])
-        elif match := _HISTORY.match(content):
+        elif _HISTORY_TEXT in content and (match := _HISTORY.match(content)):
             parsed.history_warnings.add(match["id"])
     return parsed
