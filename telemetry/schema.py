@@ -2,6 +2,9 @@
 
 ``python -m telemetry schema`` prints the schema the models generate; ``--check`` exits 1 when the committed file
 (``telemetry/schemas/artifact-metadata.schema.json``) differs from it, ``--write`` rewrites the committed file.
+
+:func:`compile_schema` turns the committed schema into a pydantic-core validator for JSON text, keyword by keyword, so
+files this package writes can be checked without running jsonschema over every scene (see ``validate.py``).
 """
 
 from __future__ import annotations
@@ -15,10 +18,21 @@ from pathlib import Path
 from typing import Any
 
 from pydantic.json_schema import GenerateJsonSchema
+from pydantic_core import SchemaValidator, core_schema
 
 from .models import ArtifactMetadata
 
-__all__ = ["SCHEMA_ID", "SCHEMA_PATH", "generate_schema", "load_schema", "register", "render_schema", "schema_drift"]
+__all__ = [
+    "SCHEMA_ID",
+    "SCHEMA_PATH",
+    "compile_schema",
+    "compiled_schema",
+    "generate_schema",
+    "load_schema",
+    "register",
+    "render_schema",
+    "schema_drift",
+]
 
 SCHEMA_PATH = Path(__file__).resolve().parent / "schemas" / "artifact-metadata.schema.json"
 SCHEMA_ID = "urn:run-telemetry:artifact-metadata"
@@ -69,6 +83,137 @@ def schema_drift(path: Path | None = None) -> str | None:
     return None
 
 
+# --- the committed schema as a pydantic-core validator ----------------------------------------------------------------
+#
+# Each keyword the generated schema uses maps to a pydantic-core schema that accepts no more than jsonschema does
+# (Draft 2020-12, no format assertion, which is how validate.py runs it):
+#
+#   type string / boolean / null        strict str / bool / None: no coercion from other JSON types
+#   type integer (+ minimum)            strict int (ge): rejects 1.0, which jsonschema would take (stricter is safe)
+#   type number (+ minimum)             strict float (ge): takes ints, not bools or strings, as jsonschema does
+#   type array + items                  list of the items' schema
+#   type object + properties, required  typed dict, each property validated when present, required ones required;
+#     additionalProperties absent/true  other keys ignored (they are allowed and unconstrained)
+#   enum of strings                     literal of those strings
+#   anyOf                               union: valid when any branch is (left to right, first match wins)
+#   $ref #/$defs/<name>                 a definition reference
+#   title, description, default, format, $schema, $id, $defs: annotations only
+#
+# Any other keyword, or one of these in another form, raises ValueError: a schema change the compiler does not know
+# must fail loudly (a test compiles the committed schema), never be skipped. The validator returns the JSON's values
+# for the schema's properties only (numbers in number fields as floats); unknown keys are not even built.
+
+_ANNOTATIONS = frozenset({"title", "description", "default", "format", "$schema", "$id", "$defs", "$comment"})
+_SCALARS: dict[str, Any] = {
+    "string": lambda: core_schema.str_schema(strict=True),
+    "boolean": lambda: core_schema.bool_schema(strict=True),
+    "null": core_schema.none_schema,
+}
+_TYPE_KEYWORDS = {
+    "string": frozenset(),
+    "boolean": frozenset(),
+    "null": frozenset(),
+    "integer": frozenset({"minimum"}),
+    "number": frozenset({"minimum"}),
+    "array": frozenset({"items"}),
+    "object": frozenset({"properties", "required", "additionalProperties"}),
+}
+
+
+def _compile_node(node: Any, where: str) -> core_schema.CoreSchema:
+    if not isinstance(node, dict):
+        raise ValueError(f"{where}: a schema must be an object, found {node!r}")
+    keywords = set(node) - _ANNOTATIONS
+    if "$ref" in keywords:
+        ref = node["$ref"]
+        if keywords != {"$ref"} or not isinstance(ref, str) or not ref.startswith("#/$defs/"):
+            raise ValueError(f"{where}: only a lone '$ref' to '#/$defs/<name>' is supported, found {node!r}")
+        return core_schema.definition_reference_schema(ref.removeprefix("#/$defs/"))
+    if "anyOf" in keywords:
+        branches = node["anyOf"]
+        if keywords != {"anyOf"} or not isinstance(branches, list) or not branches:
+            raise ValueError(f"{where}: only a lone, non-empty 'anyOf' is supported, found {node!r}")
+        # Acceptance does not depend on the order; try the cheap branches first.
+        order = sorted(range(len(branches)), key=lambda i: _branch_cost(branches[i]))
+        return core_schema.union_schema(
+            [_compile_node(branches[i], f"{where}/anyOf/{i}") for i in order], mode="left_to_right"
+        )
+    if "enum" in keywords:
+        values = node["enum"]
+        if (
+            not keywords <= {"enum", "type"}
+            or node.get("type", "string") != "string"
+            or not isinstance(values, list)
+            or not values
+            or not all(isinstance(v, str) for v in values)
+        ):
+            raise ValueError(f"{where}: only an 'enum' of strings (with type string) is supported, found {node!r}")
+        return core_schema.literal_schema(list(values))
+    if not keywords:
+        return core_schema.any_schema()
+    kind = node.get("type")
+    if not isinstance(kind, str) or kind not in _TYPE_KEYWORDS:
+        raise ValueError(f"{where}: unsupported schema {node!r}")
+    extra = keywords - {"type"} - _TYPE_KEYWORDS[kind]
+    if extra:
+        raise ValueError(f"{where}: keyword(s) {sorted(extra)} with type {kind!r} are not supported")
+    if kind in _SCALARS:
+        return _SCALARS[kind]()
+    if kind in ("integer", "number"):
+        minimum = node.get("minimum")
+        if minimum is not None and (isinstance(minimum, bool) or not isinstance(minimum, int | float)):
+            raise ValueError(f"{where}: 'minimum' must be a number, found {minimum!r}")
+        make = core_schema.int_schema if kind == "integer" else core_schema.float_schema
+        return make(strict=True, ge=minimum)
+    if kind == "array":
+        items = node.get("items")
+        return core_schema.list_schema(
+            core_schema.any_schema() if items is None else _compile_node(items, f"{where}/items"), strict=True
+        )
+    properties = node.get("properties", {})
+    required = node.get("required", [])
+    if node.get("additionalProperties", True) is not True:
+        raise ValueError(f"{where}: only 'additionalProperties': true is supported, found {node!r}")
+    if not isinstance(properties, dict) or not isinstance(required, list):
+        raise ValueError(f"{where}: 'properties' must be an object and 'required' a list, found {node!r}")
+    fields = {
+        name: core_schema.typed_dict_field(
+            _compile_node(sub, f"{where}/properties/{name}") if name in properties else core_schema.any_schema(),
+            required=name in required,
+        )
+        for name, sub in [*properties.items(), *((n, None) for n in required if n not in properties)]
+    }
+    return core_schema.typed_dict_schema(fields, extra_behavior="ignore", strict=True)
+
+
+def _branch_cost(node: Any) -> int:
+    kind = node.get("type") if isinstance(node, dict) else None
+    if kind in _SCALARS or kind in ("integer", "number"):
+        return 0
+    if kind == "object" and not node.get("properties") and not node.get("required"):
+        return 1  # any object: nothing inside is built
+    return 2
+
+
+def compile_schema(schema: dict[str, Any]) -> SchemaValidator:
+    """A validator for JSON text that accepts only what jsonschema accepts under ``schema`` (see the table above)."""
+    definitions = schema.get("$defs", {})
+    if not isinstance(definitions, dict):
+        raise ValueError("'$defs' must be an object")
+    compiled = []
+    for name, node in definitions.items():
+        entry = _compile_node(node, f"#/$defs/{name}")
+        entry["ref"] = name
+        compiled.append(entry)
+    return SchemaValidator(core_schema.definitions_schema(_compile_node(schema, "#"), compiled))
+
+
+@lru_cache(maxsize=1)
+def compiled_schema() -> SchemaValidator:
+    """The committed schema compiled by :func:`compile_schema` (built once)."""
+    return compile_schema(_load(SCHEMA_PATH))
+
+
 def _handle(args: argparse.Namespace) -> int:
     """Print, check or write the schema."""
     path = Path(args.schema_file) if args.schema_file else SCHEMA_PATH
@@ -83,6 +228,7 @@ def _handle(args: argparse.Namespace) -> int:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(render_schema(), encoding="utf-8", newline="\n")
         _load.cache_clear()
+        compiled_schema.cache_clear()
         print(f"wrote {path}")
         return 0
     sys.stdout.write(render_schema())

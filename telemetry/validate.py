@@ -16,6 +16,12 @@ false. Finally the metadata must validate against the committed JSON Schema (its
 above already reported the same field).
 
 Files are read as UTF-8 (with or without BOM) or UTF-16 with BOM, as Windows PowerShell writes them.
+
+Finalize, which has just written the files from metadata it holds, uses :func:`validate_written_run`: when
+artifact-metadata.json holds exactly the bytes written, :func:`fast_check` judges the metadata in memory with the
+committed schema compiled to pydantic-core (``schema.compile_schema``, which accepts nothing jsonschema rejects) and
+the checks above, against the summary as read from disk. Anything but a clean pass (every broken run) goes through
+:func:`validate_run_dir`, so the report and its wording are the same either way. The CLI always takes the full path.
 """
 
 from __future__ import annotations
@@ -34,10 +40,19 @@ import jsonschema
 from pydantic import Field
 
 from .models import HISTORY_EXIT_REASONS, ContractModel, is_number, parse_iso8601, poll_limit_text
-from .schema import load_schema
-from .summary import ParsedSummary, one_line, parse_summary
+from .schema import compiled_schema, load_schema
+from .summary import ParsedSummary, iso_clock, one_line, parse_summary
 
-__all__ = ["METADATA_FILE", "SUMMARY_FILE", "ValidationReport", "register", "validate_run", "validate_run_dir"]
+__all__ = [
+    "METADATA_FILE",
+    "SUMMARY_FILE",
+    "ValidationReport",
+    "fast_check",
+    "register",
+    "validate_run",
+    "validate_run_dir",
+    "validate_written_run",
+]
 
 logger = logging.getLogger("run_telemetry.validate")
 
@@ -54,6 +69,8 @@ _NUMERIC_TELEMETRY = (
     "SceneRetryBudget",
 )
 _NUMERIC_GPU = ("VramBeforeMB", "VramAfterMB", "VramDeltaMB")
+_EXIT_REASONS = frozenset(HISTORY_EXIT_REASONS)
+_BIG_INT = 1 << 1000  # below float's range: math.isfinite takes it
 # Queue policy key in run-summary.txt → QueueConfig field.
 _QUEUE_POLICY = (
     ("sceneRetries", "SceneRetryBudget"),
@@ -128,7 +145,51 @@ def _check_bool(found: _Findings, index: int, label: str, obj: dict[str, Any], p
     return bool(obj[key])
 
 
+def _is_plain_number(value: Any) -> bool:
+    # Implies is_number(value): a finite float, or an int small enough for math.isfinite.
+    kind = type(value)
+    return (kind is float and value - value == 0.0) or (kind is int and -_BIG_INT < value < _BIG_INT)
+
+
+def _scene_passes(scene: Any) -> bool:
+    """True only when _check_scene would report nothing for ``scene`` (the common case, checked without messages)."""
+    if type(scene) is not dict:
+        return False
+    telemetry = scene.get("Telemetry")
+    if type(telemetry) is not dict:
+        return False
+    for key in _NUMERIC_TELEMETRY:
+        if not _is_plain_number(telemetry.get(key)):
+            return False
+    reason = telemetry.get("HistoryExitReason")
+    if type(reason) is not str or reason not in _EXIT_REASONS:
+        return False
+    detected = telemetry.get("ExecutionSuccessDetected")
+    if type(detected) is not bool or type(telemetry.get("HistoryPostExecutionTimeoutReached")) is not bool:
+        return False
+    if detected:
+        at = telemetry.get("ExecutionSuccessAt")
+        if type(at) is not str or iso_clock(at) is None:
+            return False
+    poll_limit = telemetry.get("pollLimit")
+    if poll_limit is not None and str(poll_limit) != poll_limit_text(int(telemetry["HistoryAttemptLimit"])):
+        return False
+    gpu = telemetry.get("GPU")
+    if type(gpu) is not dict:
+        return False
+    name = gpu.get("Name")
+    if type(name) is not str or not name.strip():
+        return False
+    for key in _NUMERIC_GPU:
+        if not _is_plain_number(gpu.get(key)):
+            return False
+    system = telemetry.get("System")
+    return type(system) is dict and type(system.get("FallbackNotes")) is list
+
+
 def _check_scene(found: _Findings, index: int, scene: Any) -> None:
+    if _scene_passes(scene):
+        return
     label = _scene_label(index, scene)
     if not isinstance(scene, dict):
         found.add(f"{label}: the scene must be a JSON object, found {_describe(scene)}", index, ())
@@ -238,65 +299,65 @@ def _check_queue_policy(found: _Findings, metadata: dict[str, Any], summary: Par
 def _check_scene_summary(found: _Findings, index: int, scene: Any, summary: ParsedSummary) -> None:
     if not isinstance(scene, dict) or scene.get("SceneId") is None:
         return  # without an id no line can be attributed; the metadata checks report the scene
-    label = _scene_label(index, scene)
     scene_id = one_line(scene["SceneId"])
     telemetry = scene.get("Telemetry") if isinstance(scene.get("Telemetry"), dict) else None
     line = summary.telemetry.get(scene_id)
+
+    def add(message: str) -> None:
+        # The label is only worked out for a failed check.
+        found.add(f"{_scene_label(index, scene)}: {message}")
+
     if line is None:
-        found.add(f"{label}: run-summary.txt has no '[Scene {scene_id}] Telemetry:' line")
+        add(f"run-summary.txt has no '[Scene {scene_id}] Telemetry:' line")
     elif telemetry is not None:
+        fields = line.fields
         limit = telemetry.get("HistoryAttemptLimit")
         if is_number(limit):
-            shown = line.fields.get("pollLimit")
+            shown = fields.get("pollLimit")
             expected = poll_limit_text(int(limit))
             if shown is None:
-                found.add(f"{label}: run-summary.txt Telemetry line has no pollLimit (Telemetry.HistoryAttemptLimit)")
+                add("run-summary.txt Telemetry line has no pollLimit (Telemetry.HistoryAttemptLimit)")
             elif shown != expected:
-                found.add(
-                    f"{label}: run-summary.txt pollLimit={shown} does not match Telemetry.HistoryAttemptLimit={limit} "
+                add(
+                    f"run-summary.txt pollLimit={shown} does not match Telemetry.HistoryAttemptLimit={limit} "
                     f"(expected pollLimit={expected})"
                 )
         budget = telemetry.get("SceneRetryBudget")
         if is_number(budget):
-            shown = line.fields.get("SceneRetryBudget")
+            shown = fields.get("SceneRetryBudget")
             number = _summary_number(shown)
             if shown is None:
-                found.add(f"{label}: run-summary.txt Telemetry line has no SceneRetryBudget")
+                add("run-summary.txt Telemetry line has no SceneRetryBudget")
             elif number is None or number != float(budget):
-                found.add(
-                    f"{label}: run-summary.txt SceneRetryBudget={shown} does not match Telemetry.SceneRetryBudget={budget}"
-                )
+                add(f"run-summary.txt SceneRetryBudget={shown} does not match Telemetry.SceneRetryBudget={budget}")
         duration = telemetry.get("DurationSeconds")
         if is_number(duration):
-            shown = line.fields.get("DurationSeconds")
+            shown = fields.get("DurationSeconds")
             number = _summary_number(shown, "s")
             if shown is None:
-                found.add(f"{label}: run-summary.txt Telemetry line has no DurationSeconds")
+                add("run-summary.txt Telemetry line has no DurationSeconds")
             elif number is None or abs(number - float(duration)) > _DURATION_TOLERANCE:
-                found.add(
-                    f"{label}: run-summary.txt DurationSeconds={shown} does not match "
+                add(
+                    f"run-summary.txt DurationSeconds={shown} does not match "
                     f"Telemetry.DurationSeconds={duration} to one decimal"
                 )
         system = telemetry.get("System")
         notes = system.get("FallbackNotes") if isinstance(system, dict) else None
         for note in notes if isinstance(notes, list) else []:
             if not line.has_note(str(note)):
-                found.add(
-                    f"{label}: run-summary.txt Telemetry line lacks fallback note {_describe(str(note))} "
+                add(
+                    f"run-summary.txt Telemetry line lacks fallback note {_describe(str(note))} "
                     "(Telemetry.System.FallbackNotes)"
                 )
 
     count, floor = scene.get("FrameCount"), scene.get("FrameFloor")
     if is_number(count) and is_number(floor) and count < floor and scene_id not in summary.frame_floor_warnings:
-        found.add(
-            f"{label}: run-summary.txt has no 'WARNING: Frame count below floor' line although "
+        add(
+            "run-summary.txt has no 'WARNING: Frame count below floor' line although "
             f"FrameCount={count} < FrameFloor={floor}"
         )
     if scene.get("HistoryRetrieved") is False and scene_id not in summary.history_warnings:
-        found.add(
-            f"{label}: run-summary.txt has no 'HISTORY WARNING' or 'HISTORY ERROR' line although "
-            "HistoryRetrieved is false"
-        )
+        add("run-summary.txt has no 'HISTORY WARNING' or 'HISTORY ERROR' line although HistoryRetrieved is false")
 
 
 @lru_cache(maxsize=1)
@@ -353,6 +414,10 @@ def _check_schema(found: _Findings, metadata: dict[str, Any]) -> None:
 
 def validate_run(metadata: Any, summary_text: str) -> list[str]:
     """Every failed check for a run's parsed metadata and its summary text; empty when the run is valid."""
+    return _failed_checks(metadata, summary_text, schema=True)
+
+
+def _failed_checks(metadata: Any, summary_text: str, *, schema: bool) -> list[str]:
     if not isinstance(metadata, dict):
         return [f"{METADATA_FILE}: the top level must be a JSON object, found {type(metadata).__name__}"]
     found = _Findings()
@@ -373,7 +438,8 @@ def validate_run(metadata: Any, summary_text: str) -> list[str]:
     for index, scene in enumerate(scenes):
         _check_scene_summary(found, index, scene, summary)
 
-    _check_schema(found, metadata)
+    if schema:
+        _check_schema(found, metadata)
     return found.messages
 
 
@@ -393,6 +459,22 @@ def _read_text(path: Path) -> tuple[str | None, str | None]:
         return data.decode("utf-8-sig"), None
     except UnicodeDecodeError as exc:
         return None, f"{path} is not UTF-8 text (byte 0x{data[exc.start]:02x} at offset {exc.start} does not decode)."
+
+
+def fast_check(metadata: Any, summary_text: str) -> int | None:
+    """The scene count when ``validate_run(metadata, summary_text)`` would find nothing, else ``None``.
+
+    For metadata this package has just written (see ``runs.finalize_files``), checked without jsonschema: the
+    committed schema compiled to pydantic-core (``schema.compile_schema``) accepts only what jsonschema accepts, and
+    the other checks run unchanged. ``None`` says nothing either way: then validate_run decides and words the findings.
+    """
+    try:
+        compiled_schema().validate_python(metadata)
+    except ValueError:
+        return None
+    if _failed_checks(metadata, summary_text, schema=False):
+        return None
+    return len(metadata["Scenes"])
 
 
 def validate_run_dir(path: str | Path) -> ValidationReport:
@@ -435,6 +517,27 @@ def validate_run_dir(path: str | Path) -> ValidationReport:
         errors=errors,
         scene_count=len(scenes) if isinstance(scenes, list) else None,
     )
+
+
+def validate_written_run(path: str | Path, metadata: Any, metadata_bytes: bytes) -> ValidationReport:
+    """:func:`validate_run_dir` for a run this package has just written from ``metadata``: the same report, sooner.
+
+    ``metadata_bytes`` must be what was written for ``metadata`` (``runs.metadata_json``), JSON that reads back as
+    ``metadata``. When artifact-metadata.json holds exactly those bytes, ``metadata`` stands for the file and
+    :func:`fast_check` judges it with the summary as read from disk; otherwise, or when that is not a clear pass,
+    validate_run_dir reads both files and reports as usual.
+    """
+    run_dir = Path(path)
+    try:
+        written = (run_dir / METADATA_FILE).read_bytes()
+    except OSError:
+        written = None
+    if written == metadata_bytes:
+        summary_text, _ = _read_text(run_dir / SUMMARY_FILE)
+        scenes = fast_check(metadata, summary_text) if summary_text is not None else None
+        if scenes is not None:
+            return ValidationReport(run_dir=str(run_dir), valid=True, errors=[], scene_count=scenes)
+    return validate_run_dir(run_dir)
 
 
 def _handle(args: argparse.Namespace) -> int:
