@@ -4,8 +4,12 @@
 Assembly: a Store filled through its own API (``Store.put``) with PromptRecords shaped like the ones the recorder
 stores (real probe snapshots before/after, node timings, three saved frames, a written done marker, the contract
 Telemetry block, no API workflow; one scene in twenty has a failed first attempt and a retry), then what ``POST
-/telemetry/runs/{id}/finalize`` does: ``Store.by_run`` → ``assemble_run`` → ``render_summary`` → both files written
-atomically → ``validate_run_dir``. Growth: seconds per scene at 10,000 scenes over seconds per scene at 1,000.
+/telemetry/runs/{id}/finalize`` does, with the same calls in the same order, all while the cyclic garbage collector
+is paused (``gc_paused``): ``Store.by_run_raw`` → ``assemble_run`` → ``render_summary`` → ``finalize_files``, whose
+steps are timed too: serialize the metadata; check it in memory (``fast_check``) while a thread writes both files
+atomically (write, fsync, rename); wait for what is left of the writing; confirm the files hold what was written
+(``validate_written_run``, which gives ``validate_run_dir``'s report) → free what was built. The total is the wall
+time of all of it. Growth: seconds per scene at 10,000 scenes over seconds per scene at 1,000.
 
 RSS: both servers get the same tiny prompts (EmptyImage 8×8 → ImageInvert → SaveImage, a new colour each) in
 alternating batches; VmRSS after a warm-up of 200 prompts and after the measured prompts. ComfyUI keeps up to 10,000
@@ -15,6 +19,7 @@ history entries itself, so the server without the package grows too: the package
 from __future__ import annotations
 
 import argparse
+import gc
 import shutil
 import sys
 import tempfile
@@ -117,15 +122,11 @@ def make_records(run_id: str, scenes: int, out_dir: Path) -> list[Any]:
 
 
 def finalize_timings(scenes: int, work: Path) -> dict[str, Any]:
-    """Fill a store with ``scenes`` scenes, then time each step of finalize."""
-    import json
-
-    from telemetry.atomic import atomic_write
+    """Fill a store with ``scenes`` scenes, then time each step of finalize, as the route runs them."""
     from telemetry.policy import QueuePolicy
-    from telemetry.runs import METADATA_FILE, SUMMARY_FILE, assemble_run
+    from telemetry.runs import METADATA_FILE, assemble_run, finalize_files, gc_paused
     from telemetry.store import Store
     from telemetry.summary import render_summary
-    from telemetry.validate import validate_run_dir
 
     run_id = f"bench-{scenes}"
     out_dir = work / f"output-{scenes}"
@@ -135,38 +136,40 @@ def finalize_timings(scenes: int, work: Path) -> dict[str, Any]:
     for rec in records:
         store.put(rec)
     fill = time.perf_counter() - t
+    record_count = len(records)
+    del records  # the finalize route does not hold them either
+    gc.collect()
     steps: dict[str, float] = {}
+    clock = [time.perf_counter()]
 
-    def step(name: str, fn: Any) -> Any:
-        t0 = time.perf_counter()
-        out = fn()
-        steps[name] = time.perf_counter() - t0
-        return out
+    def lap(name: str) -> None:
+        now = time.perf_counter()
+        steps[name] = now - clock[0]
+        clock[0] = now
 
-    got = step("store.by_run", lambda: store.by_run(run_id))
-    meta = step(
-        "assemble_run",
-        lambda: assemble_run(run_id, got, policy=QueuePolicy(), output_dir=out_dir, run_info={}, waits={}),
-    )
-    summary = step("render_summary", lambda: render_summary(meta))
-    folder = Path(meta["RunDir"])
-    folder.mkdir(parents=True, exist_ok=True)
-
-    def write() -> None:
-        atomic_write(folder / METADATA_FILE, (json.dumps(meta, indent=2) + "\n").encode())
-        atomic_write(folder / SUMMARY_FILE, summary.encode())
-
-    step("write files", write)
-    report = step("validate_run_dir", lambda: validate_run_dir(folder))
+    # The route's finalize(): the same calls under gc_paused; the total includes freeing what they built.
+    start = clock[0] = time.perf_counter()
+    with gc_paused():
+        got = store.by_run_raw(run_id)
+        lap("store.by_run_raw")
+        meta = assemble_run(run_id, got, policy=QueuePolicy(), output_dir=out_dir, run_info={}, waits={})
+        lap("assemble_run")
+        summary = render_summary(meta)
+        lap("render_summary")
+        folder = Path(meta["RunDir"])
+        report = finalize_files(folder, meta, summary, lap=lap)
+        assembled = len(meta["Scenes"])
+        del got, meta, summary
+        lap("free")
+    total = time.perf_counter() - start
     store.close()
     if not report.valid:
         raise RuntimeError(f"the {scenes}-scene run does not validate: {report.errors[:5]}")
-    if len(meta["Scenes"]) != scenes:
-        raise RuntimeError(f"assembled {len(meta['Scenes'])} scenes, expected {scenes}")
-    total = sum(steps.values())
+    if assembled != scenes or report.scene_count != scenes:
+        raise RuntimeError(f"assembled {assembled} scenes ({report.scene_count} validated), expected {scenes}")
     return {
         "scenes": scenes,
-        "records": len(records),
+        "records": record_count,
         "fill_seconds": round(fill, 3),
         "steps_seconds": {k: round(v, 4) for k, v in steps.items()},
         "total_seconds": round(total, 4),

@@ -8,13 +8,22 @@ import os
 from pathlib import Path
 from typing import Any
 
+import pydantic_core
 from aiohttp import web
 
-from ..telemetry.atomic import MarkerWriteError, atomic_write
+from ..telemetry.atomic import MarkerWriteError
 from ..telemetry.llm import health_from_env
-from ..telemetry.runs import METADATA_FILE, SUMMARY_FILE, assemble_run, run_dir, run_id_problem, run_status
+from ..telemetry.runs import (
+    METADATA_FILE,
+    SUMMARY_FILE,
+    assemble_run,
+    finalize_files,
+    gc_paused,
+    run_dir,
+    run_id_problem,
+    run_status,
+)
 from ..telemetry.summary import render_summary
-from ..telemetry.validate import validate_run_dir
 from .common import json_error
 
 
@@ -31,7 +40,7 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
         return run_id
 
     def assemble(run_id: str, llm: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        records = rt.store.by_run(run_id)
+        records = rt.store.by_run_raw(run_id)
         if not records:
             return None
         policy, notes = rt.run_policy(run_id)
@@ -60,10 +69,16 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
     async def telemetry_run(request: web.Request) -> web.Response:
         """The run's artifact metadata in the contract's shape, assembled from the store now; 404 if unknown."""
         run_id = checked_run_id(request)
-        meta = await asyncio.to_thread(assemble, run_id)
-        if meta is None:
+
+        def body() -> bytes | None:
+            with gc_paused():
+                meta = assemble(run_id)
+                return None if meta is None else pydantic_core.to_json(meta)
+
+        data = await asyncio.to_thread(body)
+        if data is None:
             return json_error(404, f"unknown run {run_id!r}: no prompt was tagged with it")
-        return web.json_response(meta)
+        return web.Response(body=data, content_type="application/json", charset="utf-8")
 
     @routes.post("/telemetry/runs/{run_id}/finalize")
     async def telemetry_run_finalize(request: web.Request) -> web.Response:
@@ -72,21 +87,20 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
 
         def finalize() -> web.Response:
             llm = health_from_env(os.environ)
-            meta = assemble(run_id, llm)
-            if meta is None:
-                return json_error(404, f"unknown run {run_id!r}: no prompt was tagged with it")
-            if llm is not None:
-                info = dict(rt.store.run_info(run_id) or {})
-                info["LLMHealthInfo"] = llm
-                rt.writer.submit(lambda: rt.store.put_run(run_id, info))
-            folder = Path(meta["RunDir"])
-            try:
-                folder.mkdir(parents=True, exist_ok=True)
-                atomic_write(folder / METADATA_FILE, (json.dumps(meta, indent=2) + "\n").encode())
-                atomic_write(folder / SUMMARY_FILE, render_summary(meta).encode())
-            except (MarkerWriteError, OSError) as exc:
-                return json_error(507, f"could not write the run files in {folder}: {exc}", RunId=run_id)
-            report = validate_run_dir(folder)
+            with gc_paused():
+                meta = assemble(run_id, llm)
+                if meta is None:
+                    return json_error(404, f"unknown run {run_id!r}: no prompt was tagged with it")
+                if llm is not None:
+                    info = dict(rt.store.run_info(run_id) or {})
+                    info["LLMHealthInfo"] = llm
+                    rt.writer.submit(lambda: rt.store.put_run(run_id, info))
+                folder = Path(meta["RunDir"])
+                try:
+                    report = finalize_files(folder, meta, render_summary(meta))
+                except (MarkerWriteError, OSError) as exc:
+                    return json_error(507, f"could not write the run files in {folder}: {exc}", RunId=run_id)
+                scenes = len(meta["Scenes"])
             return web.json_response(
                 {
                     "RunId": run_id,
@@ -95,7 +109,7 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
                     "SummaryPath": str(folder / SUMMARY_FILE),
                     "Valid": report.valid,
                     "Problems": report.errors,
-                    "Scenes": len(meta["Scenes"]),
+                    "Scenes": scenes,
                 }
             )
 

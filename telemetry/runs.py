@@ -1,21 +1,38 @@
-"""Runs: group prompt records into scenes and attempts and assemble a run's ``artifact-metadata.json``."""
+"""Runs: group prompt records into scenes and attempts and assemble a run's ``artifact-metadata.json``.
+
+Assembly works on records as the store holds them (parsed JSON, see :meth:`Store.by_run_raw`) and builds the
+contract's objects directly, in the key order and with the ``None`` fields left out exactly as
+``ArtifactMetadata.model_validate(...).to_json_dict()`` would write them (a test keeps the two equal), so a 10,000-scene
+run is not validated field by field on the way. What finalize writes is validated once, by :func:`finalize_files`.
+"""
 
 from __future__ import annotations
 
+import gc
+import json
 import re
-from collections.abc import Mapping, Sequence
+import threading
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import pydantic_core
+
 from . import __version__
+from .atomic import atomic_write
 from .contract import telemetry_block
-from .models import ArtifactMetadata
+from .models import LLMHealthInfo, Story
 from .policy import QueuePolicy
 from .records import FINAL_OUTCOMES, PromptRecord
+from .validate import ValidationReport, fast_check, validate_written_run
 
 METADATA_FILE = "artifact-metadata.json"
 SUMMARY_FILE = "run-summary.txt"
 RUN_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+
+RawRecord = Mapping[str, Any]
 
 
 def run_id_problem(value: Any, *, name: str = "run_id") -> str | None:
@@ -39,25 +56,70 @@ def run_dir(output_dir: Path, run_id: str) -> Path:
     return Path(output_dir) / "telemetry" / "runs" / run_id
 
 
-def _scene_key(rec: PromptRecord) -> str:
-    return rec.SceneId if rec.SceneId not in (None, "") else rec.PromptId
+# --- pausing the cyclic garbage collector --------------------------------------------------------------------------
+
+_gc_lock = threading.Lock()
+_gc_pauses = 0
+_gc_was_enabled = False
+
+
+@contextmanager
+def gc_paused() -> Iterator[None]:
+    """Pause Python's cyclic garbage collector while a run is assembled, written and validated.
+
+    A 10,000-scene run is millions of small dicts, lists and strings, all acyclic and freed by reference counting;
+    left on, the collector walks every live object of the process again and again while they are created (in
+    ComfyUI that is everything ComfyUI holds), which made parsing and validating them 2.5-4 times slower in the scale
+    bench. Nested and concurrent pauses are counted; the collector is switched back on by the last one to end, and
+    only if it was on before the first.
+    """
+    global _gc_pauses, _gc_was_enabled
+    with _gc_lock:
+        if _gc_pauses == 0:
+            _gc_was_enabled = gc.isenabled()
+            gc.disable()
+        _gc_pauses += 1
+    try:
+        yield
+    finally:
+        with _gc_lock:
+            _gc_pauses -= 1
+            if _gc_pauses == 0 and _gc_was_enabled:
+                gc.enable()
+
+
+# --- assembly --------------------------------------------------------------------------------------------------------
+
+
+def _raw(rec: PromptRecord | RawRecord) -> RawRecord:
+    # A PromptRecord in the form the store keeps it (its JSON, without the workflow).
+    return rec.model_dump(mode="json", exclude={"Workflow"}) if isinstance(rec, PromptRecord) else rec
+
+
+def _scene_key(rec: RawRecord) -> str:
+    scene = rec.get("SceneId")
+    return scene if scene not in (None, "") else rec["PromptId"]
 
 
 def _scene_sort_key(scene_id: str) -> tuple[int, Any]:
     return (0, int(scene_id)) if scene_id.isdigit() else (1, scene_id)
 
 
-def _frames(rec: PromptRecord) -> int | None:
-    for m in rec.Markers:
-        if m.FrameCount is not None:
-            return m.FrameCount
-    return len(rec.Outputs) if rec.Outcome == "success" else 0 if rec.Outcome in FINAL_OUTCOMES else None
+def _frames(rec: RawRecord) -> int | None:
+    for marker in rec.get("Markers") or ():
+        if marker.get("FrameCount") is not None:
+            return marker["FrameCount"]
+    outcome = rec.get("Outcome", "queued")
+    if outcome == "success":
+        return len(rec.get("Outputs") or ())
+    return 0 if outcome in FINAL_OUTCOMES else None
 
 
-def _prefix(rec: PromptRecord) -> str | None:
-    if rec.Markers:
-        return rec.Markers[0].Prefix
-    prefix = rec.Tags.get("prefix")
+def _prefix(rec: RawRecord) -> str | None:
+    markers = rec.get("Markers")
+    if markers:
+        return markers[0].get("Prefix")
+    prefix = (rec.get("Tags") or {}).get("prefix")
     return str(prefix) if prefix is not None else None
 
 
@@ -68,85 +130,137 @@ def _int_or_none(value: Any) -> int | None:
         return None
 
 
-def _attempt_telemetry(rec: PromptRecord, policy: QueuePolicy, waits: Mapping[str, int]) -> dict[str, Any]:
-    tel = dict(rec.Telemetry or telemetry_block(rec, policy))
-    tel.update(
-        {
+def _error_message(rec: RawRecord) -> str | None:
+    error = rec.get("Error")
+    return error.get("Message") if error else None
+
+
+class _Context:
+    """What every attempt's Telemetry block gets from the run: the policy's figures and the history waits."""
+
+    def __init__(self, policy: QueuePolicy, waits: Mapping[str, int]) -> None:
+        self.policy = policy
+        self.waits = waits
+        limit = policy.history_max_attempts
+        # Keys the stored block already has (in the contract's order), so updating keeps that order.
+        self.overrides = {
             "MaxWaitSeconds": policy.max_wait_seconds,
             "PollIntervalSeconds": policy.poll_interval_seconds,
-            "HistoryAttemptLimit": policy.history_max_attempts,
-            "pollLimit": "unbounded" if policy.history_max_attempts == 0 else str(policy.history_max_attempts),
+            "HistoryAttemptLimit": limit,
+            "pollLimit": "unbounded" if limit == 0 else str(limit),
             "PostExecutionTimeoutSeconds": policy.post_execution_timeout_seconds,
             "SceneRetryBudget": policy.scene_retry_budget,
-            "HistoryAttempts": int(waits.get(rec.PromptId, 0)),
         }
-    )
-    if rec.Outcome not in FINAL_OUTCOMES:
-        limit = policy.history_max_attempts
-        tel["HistoryExitReason"] = "attemptLimit" if limit and tel["HistoryAttempts"] >= limit else "unknown"
-    return tel
+
+    def telemetry(self, rec: RawRecord) -> dict[str, Any]:
+        """The attempt's ``Telemetry`` block: the stored one (or one built now) with the run's policy figures."""
+        tel = rec.get("Telemetry")
+        tel = dict(tel) if tel else telemetry_block(PromptRecord.model_validate(rec), self.policy)
+        tel.update(self.overrides)
+        attempts = tel["HistoryAttempts"] = int(self.waits.get(rec["PromptId"], 0))
+        if rec.get("Outcome", "queued") not in FINAL_OUTCOMES:
+            limit = self.policy.history_max_attempts
+            tel["HistoryExitReason"] = "attemptLimit" if limit and attempts >= limit else "unknown"
+        return tel
+
+
+def _attempt_summary(number: int, rec: RawRecord, exit_reason: str) -> dict[str, Any]:
+    # AttemptSummary's own fields first, then the extra ones, as the model dumps them; None fields left out.
+    outcome = rec.get("Outcome", "queued")
+    summary: dict[str, Any] = {"Attempt": number, "Success": outcome == "success"}
+    frames = _frames(rec)
+    if frames is not None:
+        summary["FrameCount"] = frames
+    summary["DurationSeconds"] = rec.get("DurationSeconds") or 0.0
+    prefix = _prefix(rec)
+    if prefix is not None:
+        summary["FramePrefix"] = prefix
+    summary["HistoryExitReason"] = exit_reason
+    if rec.get("QueuedAt") is not None:
+        summary["QueueStart"] = rec["QueuedAt"]
+    if rec.get("EndedAt") is not None:
+        summary["QueueEnd"] = rec["EndedAt"]
+    summary["PromptId"] = rec["PromptId"]
+    summary["Outcome"] = outcome
+    error = _error_message(rec)
+    if error is not None:
+        summary["Error"] = error
+    return summary
+
+
+def _attempt_order(rec: RawRecord) -> tuple[str, str]:
+    return (rec.get("StartedAt") or rec.get("QueuedAt") or "", rec["PromptId"])
+
+
+def _assemble_scene(scene_id: str, attempts: Sequence[RawRecord], ctx: _Context) -> dict[str, Any]:
+    attempts = sorted(attempts, key=_attempt_order) if len(attempts) > 1 else attempts
+    last = attempts[-1]
+    last_outcome = last.get("Outcome", "queued")
+    if len(attempts) == 1:
+        tags = last.get("Tags") or {}
+    else:
+        tags = {k: v for r in attempts for k, v in (r.get("Tags") or {}).items()}
+    frames = _frames(last)
+    floor = _int_or_none(tags.get("frame_floor"))
+    final = last_outcome in FINAL_OUTCOMES and last_outcome != "crashed"
+    history_errors = []
+    summaries = []
+    errors = []
+    telemetry: dict[str, Any] = {}
+    for number, rec in enumerate(attempts, 1):
+        outcome = rec.get("Outcome", "queued")
+        message = _error_message(rec)
+        if outcome not in ("success", "running", "queued"):
+            history_errors.append(f"attempt {number}: {outcome}: {message or outcome}")
+        if message:
+            errors.append(message)
+        telemetry = ctx.telemetry(rec)
+        summaries.append(_attempt_summary(number, rec, telemetry["HistoryExitReason"]))
+    if not final:
+        history_errors.append(f"attempt {len(attempts)}: no final record ({last_outcome})")
+    if len(attempts) == 1:
+        warnings = list(dict.fromkeys(last.get("FallbackNotes") or ()))
+    else:
+        warnings = list(dict.fromkeys(n for r in attempts for n in r.get("FallbackNotes") or ()))
+    # Scene's fields in the model's order; None fields left out.
+    scene: dict[str, Any] = {"SceneId": scene_id}
+    for key, tag in (("Title", "title"), ("Prompt", "prompt"), ("NegativePrompt", "negative_prompt")):
+        value = tags.get(tag)
+        if value is not None:
+            scene[key] = value
+    if floor is not None:
+        scene["FrameFloor"] = floor
+    if frames is not None:
+        scene["FrameCount"] = frames
+    prefix = _prefix(last)
+    if prefix is not None:
+        scene["FramePrefix"] = prefix
+    scene["Success"] = last_outcome == "success"
+    scene["MeetsFrameFloor"] = (frames or 0) >= (floor or 0)
+    scene["HistoryRetrieved"] = final
+    scene["HistoryErrors"] = history_errors
+    scene["Warnings"] = warnings
+    scene["Errors"] = errors
+    scene["AttemptsRun"] = len(attempts)
+    scene["Requeued"] = len(attempts) > 1
+    scene["AttemptSummaries"] = summaries
+    scene["Telemetry"] = telemetry  # the last attempt's
+    return scene
 
 
 def assemble_scene(
-    scene_id: str, attempts: Sequence[PromptRecord], policy: QueuePolicy, waits: Mapping[str, int]
+    scene_id: str,
+    attempts: Sequence[PromptRecord | RawRecord],
+    policy: QueuePolicy,
+    waits: Mapping[str, int],
 ) -> dict[str, Any]:
     """One ``Scenes[]`` entry: its last attempt's telemetry, every attempt summarised."""
-    attempts = sorted(attempts, key=lambda r: (r.StartedAt or r.QueuedAt or "", r.PromptId))
-    last = attempts[-1]
-    tags = {k: v for r in attempts for k, v in r.Tags.items()}
-    frames = _frames(last)
-    floor = _int_or_none(tags.get("frame_floor"))
-    final = last.Outcome in FINAL_OUTCOMES and last.Outcome != "crashed"
-    history_errors = [
-        f"attempt {i}: {r.Outcome}: {r.Error.Message if r.Error and r.Error.Message else r.Outcome}"
-        for i, r in enumerate(attempts, 1)
-        if r.Outcome not in ("success", "running", "queued")
-    ]
-    summaries = []
-    for i, r in enumerate(attempts, 1):
-        tel = _attempt_telemetry(r, policy, waits)
-        summaries.append(
-            {
-                "Attempt": i,
-                "PromptId": r.PromptId,
-                "Success": r.Outcome == "success",
-                "Outcome": r.Outcome,
-                "FrameCount": _frames(r),
-                "DurationSeconds": r.DurationSeconds or 0.0,
-                "FramePrefix": _prefix(r),
-                "HistoryExitReason": tel["HistoryExitReason"],
-                "QueueStart": r.QueuedAt,
-                "QueueEnd": r.EndedAt,
-                "Error": r.Error.Message if r.Error else None,
-            }
-        )
-    warnings = list(dict.fromkeys(n for r in attempts for n in r.FallbackNotes))
-    return {
-        "SceneId": scene_id,
-        "Title": tags.get("title"),
-        "Prompt": tags.get("prompt"),
-        "NegativePrompt": tags.get("negative_prompt"),
-        "FrameFloor": floor,
-        "FrameCount": frames,
-        "FramePrefix": _prefix(last),
-        "Success": last.Outcome == "success",
-        "MeetsFrameFloor": (frames or 0) >= (floor or 0),
-        "HistoryRetrieved": final,
-        "HistoryErrors": history_errors
-        if final
-        else [*history_errors, f"attempt {len(attempts)}: no final record ({last.Outcome})"],
-        "Warnings": warnings,
-        "Errors": [s["Error"] for s in summaries if s["Error"]],
-        "AttemptsRun": len(attempts),
-        "Requeued": len(attempts) > 1,
-        "AttemptSummaries": summaries,
-        "Telemetry": _attempt_telemetry(last, policy, waits),
-    }
+    return _assemble_scene(scene_id, [_raw(r) for r in attempts], _Context(policy, waits))
 
 
 def assemble_run(
     run_id: str,
-    records: Sequence[PromptRecord],
+    records: Sequence[PromptRecord | RawRecord],
     *,
     policy: QueuePolicy,
     output_dir: Path,
@@ -154,37 +268,94 @@ def assemble_run(
     waits: Mapping[str, int] | None = None,
     llm: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """The run's ``artifact-metadata.json`` content, validated by the contract model."""
+    """The run's ``artifact-metadata.json`` content in the contract's shape.
+
+    ``records`` are PromptRecords or, faster, the store's parsed JSON of them (:meth:`Store.by_run_raw`), oldest
+    first.
+    """
     info = dict(run_info or {})
-    waits = waits or {}
-    by_scene: dict[str, list[PromptRecord]] = {}
-    for rec in records:
+    ctx = _Context(policy, waits or {})
+    raws = [_raw(r) for r in records]
+    by_scene: dict[str, list[RawRecord]] = {}
+    for rec in raws:
         by_scene.setdefault(_scene_key(rec), []).append(rec)
-    scenes = [assemble_scene(sid, by_scene[sid], policy, waits) for sid in sorted(by_scene, key=_scene_sort_key)]
+    scenes = [_assemble_scene(sid, by_scene[sid], ctx) for sid in sorted(by_scene, key=_scene_sort_key)]
     notes = list(info.get("PolicyNotes") or [])
     if notes:
         for scene in scenes:
-            fallback = scene["Telemetry"]["System"].setdefault("FallbackNotes", [])
+            tel = scene["Telemetry"]
+            system = tel["System"] = dict(tel["System"])  # the record's own block stays as stored
+            fallback = system["FallbackNotes"] = list(system.get("FallbackNotes") or [])
             fallback.extend(n for n in notes if n not in fallback)
-    starts = [r.QueuedAt or r.StartedAt for r in records if (r.QueuedAt or r.StartedAt)]
-    story = info.get("Story") or next((r.Tags.get("story") for r in records if r.Tags.get("story")), None)
-    meta: dict[str, Any] = {
-        "RunId": run_id,
-        "Timestamp": min(starts) if starts else None,
-        "RunDir": str(run_dir(output_dir, run_id)),
-        "QueueConfig": policy.queue_config(),
-        # No provider configured: no health check ran, so no LLMHealthInfo and no [LLM] line.
-        "LLMHealthInfo": dict(llm) if llm else None,
-        "Scenes": scenes,
-        "Generator": f"run-telemetry {__version__}",
-    }
+    starts = [s for r in raws if (s := r.get("QueuedAt") or r.get("StartedAt"))]
+    story = info.get("Story") or next((s for r in raws if (s := (r.get("Tags") or {}).get("story"))), None)
+    # ArtifactMetadata's fields in the model's order; None fields left out.
+    meta: dict[str, Any] = {"RunId": run_id}
+    if starts:
+        meta["Timestamp"] = min(starts)
+    meta["RunDir"] = str(run_dir(output_dir, run_id))
+    meta["QueueConfig"] = policy.queue_config()
+    # No provider configured: no health check ran, so no LLMHealthInfo and no [LLM] line.
+    if llm:
+        meta["LLMHealthInfo"] = LLMHealthInfo.model_validate(dict(llm)).to_json_dict()
     if isinstance(story, Mapping):
-        meta["Story"] = {
-            "Id": story.get("id", story.get("Id")),
-            "Logline": story.get("logline", story.get("Logline")),
-            "DirectorsVision": story.get("directors_vision", story.get("DirectorsVision")),
-        }
-    return ArtifactMetadata.model_validate(meta).to_json_dict()
+        meta["Story"] = Story.model_validate(
+            {
+                "Id": story.get("id", story.get("Id")),
+                "Logline": story.get("logline", story.get("Logline")),
+                "DirectorsVision": story.get("directors_vision", story.get("DirectorsVision")),
+            }
+        ).to_json_dict()
+    meta["Scenes"] = scenes
+    meta["Generator"] = f"run-telemetry {__version__}"
+    return meta
+
+
+def metadata_json(meta: Mapping[str, Any]) -> bytes:
+    """``artifact-metadata.json``'s bytes: compact JSON, ASCII only (other text as \\u escapes), a newline at the end.
+
+    Compact because indenting a 10,000-scene run by 2 made the file 36 MB instead of 22 MB and finalize 0.2 s slower.
+    pydantic-core's serializer writes what ``json.dumps(meta, separators=(",", ":"))`` would, only faster; exponents
+    are spelled 1e-7 rather than 1e-07. Text it cannot encode (a lone surrogate) goes through json.dumps.
+    """
+    try:
+        return pydantic_core.to_json(meta, ensure_ascii=True) + b"\n"
+    except pydantic_core.PydanticSerializationError:
+        return (json.dumps(meta, separators=(",", ":")) + "\n").encode()
+
+
+def finalize_files(
+    folder: Path, meta: Mapping[str, Any], summary: str, *, lap: Callable[[str], None] | None = None
+) -> ValidationReport:
+    """Write ``artifact-metadata.json`` and ``run-summary.txt`` into ``folder`` atomically and validate them.
+
+    Raises :class:`MarkerWriteError` (an OSError) when a file cannot be written. The report is the one
+    ``validate_run_dir(folder)`` gives, found without jsonschema when the files hold what was written (see
+    :func:`telemetry.validate.validate_written_run`); the in-memory check runs while the files are written and synced.
+    ``lap(step)``, when given, is called after each step.
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    data = metadata_json(meta)
+    if lap is not None:
+        lap("serialize")
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-telemetry-finalize") as pool:
+        # Writing and fsync wait on the disk without the GIL; the check needs only the CPU.
+        writing = pool.submit(_write_files, folder, data, summary.encode())
+        passed = fast_check(meta, summary)
+        if lap is not None:
+            lap("check (while writing)")
+        writing.result()
+    if lap is not None:
+        lap("write files (rest)")
+    report = validate_written_run(folder, meta, data, summary, passed=passed)
+    if lap is not None:
+        lap("confirm files")
+    return report
+
+
+def _write_files(folder: Path, metadata: bytes, summary: bytes) -> None:
+    atomic_write(folder / METADATA_FILE, metadata)
+    atomic_write(folder / SUMMARY_FILE, summary)
 
 
 def run_status(row: Mapping[str, Any]) -> str:

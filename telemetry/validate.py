@@ -17,10 +17,10 @@ above already reported the same field).
 
 Files are read as UTF-8 (with or without BOM) or UTF-16 with BOM, as Windows PowerShell writes them.
 
-Finalize, which has just written the files from metadata it holds, uses :func:`validate_written_run`: when
-artifact-metadata.json holds exactly the bytes written, :func:`fast_check` judges the metadata in memory with the
-committed schema compiled to pydantic-core (``schema.compile_schema``, which accepts nothing jsonschema rejects) and
-the checks above, against the summary as read from disk. Anything but a clean pass (every broken run) goes through
+Finalize, which has just written the files from the metadata and summary it holds, uses
+:func:`validate_written_run`: when the files hold exactly what was written, :func:`fast_check` judges the metadata in
+memory with the committed schema compiled to pydantic-core (``schema.compile_schema``, which accepts nothing
+jsonschema rejects) and the checks above. Anything but a clean pass (every broken run) goes through
 :func:`validate_run_dir`, so the report and its wording are the same either way. The CLI always takes the full path.
 """
 
@@ -519,22 +519,27 @@ def validate_run_dir(path: str | Path) -> ValidationReport:
     )
 
 
-def validate_written_run(path: str | Path, metadata: Any, metadata_bytes: bytes) -> ValidationReport:
+_UNCHECKED: Any = object()
+
+
+def validate_written_run(
+    path: str | Path, metadata: Any, metadata_bytes: bytes, summary_text: str, *, passed: int | None = _UNCHECKED
+) -> ValidationReport:
     """:func:`validate_run_dir` for a run this package has just written from ``metadata``: the same report, sooner.
 
-    ``metadata_bytes`` must be what was written for ``metadata`` (``runs.metadata_json``), JSON that reads back as
-    ``metadata``. When artifact-metadata.json holds exactly those bytes, ``metadata`` stands for the file and
-    :func:`fast_check` judges it with the summary as read from disk; otherwise, or when that is not a clear pass,
-    validate_run_dir reads both files and reports as usual.
+    ``metadata_bytes`` must be what was written for ``metadata`` (``runs.metadata_json``, JSON that reads back as
+    ``metadata``) and ``summary_text`` the summary written; ``passed``, when given, what
+    ``fast_check(metadata, summary_text)`` returned (finalize works it out while the files are being written). When
+    artifact-metadata.json holds exactly those bytes and run-summary.txt reads as that text, the fast check stands for
+    the files; otherwise, or when it is not a clean pass, validate_run_dir reads both files and reports as usual.
     """
     run_dir = Path(path)
     try:
-        written = (run_dir / METADATA_FILE).read_bytes()
+        as_written = (run_dir / METADATA_FILE).read_bytes() == metadata_bytes
     except OSError:
-        written = None
-    if written == metadata_bytes:
-        summary_text, _ = _read_text(run_dir / SUMMARY_FILE)
-        scenes = fast_check(metadata, summary_text) if summary_text is not None else None
+        as_written = False
+    if as_written and _read_text(run_dir / SUMMARY_FILE)[0] == summary_text:
+        scenes = fast_check(metadata, summary_text) if passed is _UNCHECKED else passed
         if scenes is not None:
             return ValidationReport(run_dir=str(run_dir), valid=True, errors=[], scene_count=scenes)
     return validate_run_dir(run_dir)

@@ -14,7 +14,9 @@ import jsonschema
 import pytest
 from pydantic_core import SchemaValidator
 
+from telemetry import validate
 from telemetry.models import ArtifactMetadata
+from telemetry.runs import metadata_json
 from telemetry.schema import compile_schema, compiled_schema, load_schema
 from telemetry.summary import render_summary
 from telemetry.validate import fast_check, validate_run, validate_run_dir, validate_written_run
@@ -22,11 +24,6 @@ from telemetry.validate import fast_check, validate_run, validate_run_dir, valid
 from .test_validate import CASES, write_run
 
 JSONSCHEMA = jsonschema.validators.validator_for(load_schema())(load_schema())
-
-
-def metadata_json(metadata: Any) -> bytes:
-    """The file finalize writes for ``metadata``."""
-    return (json.dumps(metadata, indent=2) + "\n").encode()
 
 
 def schema_errors(metadata: Any) -> list[str]:
@@ -140,7 +137,7 @@ def test_every_broken_variant_gets_the_full_report(
         assert not compiled_accepts(compiled_schema(), legacy_metadata)
     run_dir = write_run(tmp_path / "run", legacy_metadata, summary)
     written = (run_dir / "artifact-metadata.json").read_bytes()
-    report = validate_written_run(run_dir, legacy_metadata, written)
+    report = validate_written_run(run_dir, legacy_metadata, written, summary)
     assert report == validate_run_dir(run_dir)
     assert not report.valid and any(expected in error for error in report.errors)
 
@@ -154,21 +151,41 @@ def test_the_good_runs_pass_the_fast_path(
     assert validate_run(data, render_summary(package_run)) == []
 
 
-def test_a_file_that_differs_from_what_was_written_is_read_and_reported(
+def test_files_that_differ_from_what_was_written_are_read_and_reported(
     tmp_path: Path, legacy_metadata: dict[str, Any], legacy_summary: str
 ) -> None:
     run_dir = write_run(tmp_path / "run", legacy_metadata, legacy_summary)
     good = (run_dir / "artifact-metadata.json").read_bytes()
-    assert validate_written_run(run_dir, legacy_metadata, good).valid
+    assert validate_written_run(run_dir, legacy_metadata, good, legacy_summary).valid
     broken = copy.deepcopy(legacy_metadata)
     broken["Scenes"][0]["Telemetry"]["GPU"]["Name"] = ""
     (run_dir / "artifact-metadata.json").write_text(json.dumps(broken), encoding="utf-8")
-    # The good metadata in memory does not stand for a file that holds something else.
-    report = validate_written_run(run_dir, legacy_metadata, good)
+    # The good metadata in memory does not stand for a file that holds something else, even said to have passed.
+    report = validate_written_run(run_dir, legacy_metadata, good, legacy_summary, passed=3)
     assert report == validate_run_dir(run_dir)
     assert report.errors == ["Scene scene-001: Telemetry.GPU.Name is blank"]
-    (run_dir / "artifact-metadata.json").unlink()
-    assert validate_written_run(run_dir, legacy_metadata, good) == validate_run_dir(run_dir)
+    (run_dir / "artifact-metadata.json").write_bytes(good)
+    (run_dir / "run-summary.txt").write_text(legacy_summary.replace("sceneRetries=1", "sceneRetries=2"))
+    report = validate_written_run(run_dir, legacy_metadata, good, legacy_summary, passed=3)
+    assert report.errors == [
+        "run-summary.txt Queue policy sceneRetries=2 does not match QueueConfig.SceneRetryBudget=1"
+    ]
+    (run_dir / "run-summary.txt").unlink()
+    assert validate_written_run(run_dir, legacy_metadata, good, legacy_summary) == validate_run_dir(run_dir)
+
+
+def test_the_full_path_runs_only_when_the_fast_one_does_not_pass(
+    tmp_path: Path, legacy_metadata: dict[str, Any], legacy_summary: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    run_dir = write_run(tmp_path / "run", legacy_metadata, legacy_summary)
+    good = (run_dir / "artifact-metadata.json").read_bytes()
+    full: list[Path] = []
+    monkeypatch.setattr(validate, "validate_run_dir", lambda path: full.append(path) or validate_run_dir(path))
+    assert validate_written_run(run_dir, legacy_metadata, good, legacy_summary).scene_count == 3
+    assert validate_written_run(run_dir, legacy_metadata, good, legacy_summary, passed=3).scene_count == 3
+    assert full == []
+    assert validate_written_run(run_dir, legacy_metadata, good, legacy_summary, passed=None).valid
+    assert full == [run_dir]  # a check that did not pass is never taken for a pass
 
 
 # --- random variants: what the fast path passes, the full validator passes ----------------------------------------
