@@ -39,6 +39,7 @@ from .common import (
     percentile,
     running,
     save,
+    three,
     verdict,
     wait_history,
 )
@@ -79,9 +80,11 @@ def parse_wrk(out: str) -> dict[str, Any]:
 class PromptDriver:
     """Keeps ``depth`` small prompts with done markers queued until stopped; counts what finished."""
 
-    def __init__(self, server: Any, depth: int = 2) -> None:
+    def __init__(self, server: Any, depth: int = 2, *, timer: bool = False) -> None:
+        """``timer``: queue plain 3-node prompts and wait on the bench timer's route (a server without the package)."""
         self.server = server
         self.depth = depth
+        self.timer = timer
         self.stop = threading.Event()
         self.finished: list[str] = []
         self.errors: list[str] = []
@@ -94,10 +97,18 @@ class PromptDriver:
         while not self.stop.is_set():
             while len(pending) < self.depth:
                 n += 1
-                pending.append(self.server.queue(frames_with_marker(f"load/p{n:05d}", self._colors())))
+                if self.timer:
+                    pending.append(self.server.queue(three(self._colors(), prefix=f"load/t{n:05d}")))
+                else:
+                    pending.append(self.server.queue(frames_with_marker(f"load/p{n:05d}", self._colors())))
             pid = pending.pop(0)
-            status, body = self.server.request("GET", f"/telemetry/prompts/{pid}/wait?timeout=60", timeout=70)
-            if status != 200 or body.get("Outcome") != "success":
+            if self.timer:
+                status, body = self.server.request("GET", f"/rt_bench/wait/{pid}?timeout=60", timeout=70)
+                ok = status == 200 and body.get("ns") is not None
+            else:
+                status, body = self.server.request("GET", f"/telemetry/prompts/{pid}/wait?timeout=60", timeout=70)
+                ok = status == 200 and body.get("Outcome") == "success"
+            if not ok:
                 self.errors.append(f"{pid}: {status} {body}")
             self.finished.append(pid)
 
@@ -174,6 +185,28 @@ def single_connection(host: str, port: int, path: str, seconds: float) -> dict[s
     }
 
 
+def floor_with_and_without(version: str, connections: int, seconds: float) -> dict[str, Any]:
+    """The floor route on a server without the package and on one with it, under the same plain 3-node prompts.
+
+    Both servers carry the bench timer (prompts are waited for on its route, no polling) and the floor route; they run
+    one after the other, never at the same time. Tells whether the package raises the floor every route stands on.
+    """
+    out: dict[str, Any] = {}
+    for label, with_package in (("without", False), ("with", True)):
+        server = make_bench_server(version, with_package=with_package, timer=True, null_route=True)
+        with running(server):
+            warm = [server.queue(three(0x100 + i, prefix="warm/t")) for i in range(10)]
+            server.request("GET", f"/rt_bench/wait/{warm[-1]}?timeout=60", timeout=70)
+            with PromptDriver(server, timer=True) as driver:
+                r = timed_load(server.url + "/rt_bench/null", connections, seconds)
+            r["prompts_executed"] = len(driver.finished)
+            r["prompt_errors"] = driver.errors
+            out[label] = r
+    out["p99_ratio_with_to_without"] = round(out["with"]["p99_ms"] / out["without"]["p99_ms"], 3)
+    out["rps_ratio_with_to_without"] = round(out["with"]["rps"] / out["without"]["rps"], 3)
+    return out
+
+
 def run_wrk(url: str, connections: int, seconds: int, threads: int) -> dict[str, Any]:
     """One wrk run; returns the parsed figures and the raw output."""
     cmd = ["wrk", f"-t{threads}", f"-c{connections}", f"-d{seconds}s", "--latency", "--timeout", "10s", url]
@@ -191,6 +224,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1, help="wrk threads (1: leaves the other core to the server)")
     ap.add_argument("--latency-seconds", type=float, default=15, help="own 64-connection client per route (15)")
     ap.add_argument("--single-seconds", type=float, default=10, help="one connection per route (10; 0: skip)")
+    ap.add_argument(
+        "--floor-seconds",
+        type=float,
+        default=15,
+        help="floor route on a server without vs with the package, own client (15; 0: skip)",
+    )
     ap.add_argument("--version", default=DEFAULT_VERSION, help=f"ComfyUI version ({DEFAULT_VERSION})")
     args = ap.parse_args(argv)
     if shutil.which("wrk") is None:
@@ -275,6 +314,19 @@ def main(argv: list[str] | None = None) -> int:
         f"at {args.connections} connections: {verdict(p99_ok)} (the floor route itself: {verdict(floor_ok)}, "
         f"p99 {floor['load']['p99_ms']:.2f} ms); at 1 connection: {verdict(single_ok)}"
     )
+    if args.floor_seconds > 0:
+        ab = floor_with_and_without(args.version, args.connections, args.floor_seconds)
+        results["floor_without_vs_with_package"] = ab
+        ok &= not ab["without"]["prompt_errors"] and not ab["with"]["prompt_errors"]
+        ok &= ab["without"]["errors"] == 0 and ab["with"]["errors"] == 0
+        print(
+            f"floor route, same plain prompts, {args.connections} connections × {args.floor_seconds:g} s: without the "
+            f"package p50 {ab['without']['p50_ms']:.2f} ms p99 {ab['without']['p99_ms']:.2f} ms "
+            f"{ab['without']['rps']:.0f} req/s ({ab['without']['prompts_executed']} prompts); with it p50 "
+            f"{ab['with']['p50_ms']:.2f} ms p99 {ab['with']['p99_ms']:.2f} ms {ab['with']['rps']:.0f} req/s "
+            f"({ab['with']['prompts_executed']} prompts): p99 ×{ab['p99_ratio_with_to_without']:.2f}, "
+            f"req/s ×{ab['rps_ratio_with_to_without']:.2f}"
+        )
     path = save("routes", {"machine": info, "args": vars(args), "results": results})
     print(f"figures: {path}")
     return 0 if ok and fast and p99_ok else 1
