@@ -68,7 +68,7 @@ def wrap_prompt_executor(execution: Any, recorder: Recorder) -> str:
                 try:
                     recorder.ended(
                         prompt_id,
-                        list(getattr(self, "status_messages", None) or []),
+                        getattr(self, "status_messages", None),  # the recorder keeps its own copy
                         getattr(self, "history_result", None),
                         exception=error,
                     )
