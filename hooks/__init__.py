@@ -46,6 +46,7 @@ def install() -> runtime.Runtime | None:
             ("prompt executor", lambda: _wrap_executor(execution, rt)),
             ("node timings", lambda: _wrap_nodes(execution, rt)),
             ("submission handler", lambda: server.add_on_prompt_handler(on_prompt)),
+            ("queue events", lambda: rt.queue_events.wrap(server.prompt_queue)),
             ("routes", lambda: _add_routes(server, rt)),
             ("finishers", lambda: _add_finishers(rt)),
             ("runs", lambda: _add_runs(rt, server)),

@@ -15,6 +15,7 @@ from ..telemetry.policy import QueuePolicy, apply_overrides, policy_from_env
 from ..telemetry.recorder import Recorder
 from ..telemetry.store import DEFAULT_RETENTION, Store
 from ..telemetry.writer import Writer
+from .queue import QueueEvents
 
 logger = logging.getLogger("run_telemetry")
 
@@ -64,6 +65,8 @@ class Runtime:
         self.pending = pending
         self.send = send
         self.recorder = Recorder(self.store, self.writer, snapshot, peak=peak)
+        # Accepted into / dropped from ComfyUI's queue: wired by hooks.install (hooks/queue.py).
+        self.queue_events = QueueEvents()
         self.version = __version__
         self.policy, self.policy_notes = policy_from_env(env)
         self.notes.extend(self.policy_notes)
