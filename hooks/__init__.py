@@ -50,6 +50,8 @@ def install() -> runtime.Runtime | None:
             ("routes", lambda: _add_routes(server, rt)),
             ("finishers", lambda: _add_finishers(rt)),
             ("runs", lambda: _add_runs(rt, server)),
+            # Last: the finishers, runs and routes (waiters, metrics) must see these records end.
+            ("lost prompts", rt.finish_lost),
         ):
             try:
                 fn()

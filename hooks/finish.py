@@ -27,6 +27,7 @@ from .runtime import Runtime
 logger = logging.getLogger("run_telemetry")
 
 MARKER_NODE = "WriteDoneMarker"
+FAILED_MARKER_OUTCOMES = frozenset({"interrupted", "cancelled", "lost"})
 EVENT = "telemetry.prompt"
 
 
@@ -46,6 +47,14 @@ def _parse_iso(value: str | None) -> float | None:
     if not value:
         return None
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def declare_at_accept(rec: PromptRecord, prompt: Mapping[str, Any]) -> None:
+    """Declare the literal marker prefixes of the prompt on its record (a prompt that never runs still gets them)."""
+    known = {m.NodeId for m in rec.Markers}
+    for node_id, prefix, sha in declared_markers(prompt):
+        if node_id not in known:
+            rec.Markers.append(MarkerState(NodeId=node_id, Prefix=prefix, Sha256=sha))
 
 
 def clean_cut_off_temps(rt: Runtime) -> None:
@@ -69,8 +78,10 @@ def install_finishers(rt: Runtime) -> None:
         """At start: forget last run's markers for every declared prefix, and declare them for the end."""
         declared = declared_markers(prompt)
         out = rt.output_dir() if declared else None  # resolving the folder costs more than scanning the prompt
+        known = {m.NodeId for m in rec.Markers}  # declared at acceptance already (declare_at_accept)
         for node_id, prefix, sha in declared:
-            rec.Markers.append(MarkerState(NodeId=node_id, Prefix=prefix, Sha256=sha))
+            if node_id not in known:
+                rec.Markers.append(MarkerState(NodeId=node_id, Prefix=prefix, Sha256=sha))
             try:
                 clear_markers(out, prefix)
             except UnsafePrefixError:
@@ -78,6 +89,7 @@ def install_finishers(rt: Runtime) -> None:
             except MarkerWriteError as exc:
                 rec.FallbackNotes.append(f"could not remove the previous marker for {prefix!r}: {exc}")
 
+    rec_.add_accept_hook(lambda rec, item: declare_at_accept(rec, item.prompt))
     rec_.add_start_hook(clear_stale_markers)
     # Markers first: the contract block reads their state (DoneMarker*, postExecution).
     rec_.add_finisher("done marker", lambda rec: write_markers(rt, rec))
@@ -131,7 +143,7 @@ def write_markers(rt: Runtime, rec: PromptRecord) -> None:
                 marker = FailedMarker(
                     PromptId=rec.PromptId,
                     Prefix=m.Prefix,
-                    Outcome="interrupted" if rec.Outcome == "interrupted" else "error",
+                    Outcome=rec.Outcome if rec.Outcome in FAILED_MARKER_OUTCOMES else "error",
                     Node=err.NodeId if err else None,
                     NodeType=err.NodeType if err else None,
                     Message=(err.Message if err and err.Message else rec.Outcome),

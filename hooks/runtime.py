@@ -22,6 +22,14 @@ logger = logging.getLogger("run_telemetry")
 ENV_DIR = "RUN_TELEMETRY_DIR"
 ENV_RETENTION = "RUN_TELEMETRY_RETENTION"
 CUT_OFF_NOTE = "ComfyUI stopped (crash or kill) before this prompt finished; marked on the next start"
+LOST_NOTE = (
+    "ComfyUI stopped while this prompt was still queued (ComfyUI does not restore its queue): it never ran; "
+    "marked lost on the next start"
+)
+CANCELLED_NOTES = {
+    "clear": "cancelled before it ran: the queue was cleared (POST /queue clear)",
+    "delete": "cancelled before it ran: removed from the queue (POST /queue delete or the jobs cancel route)",
+}
 
 
 class Runtime:
@@ -55,6 +63,14 @@ class Runtime:
                 retention = DEFAULT_RETENTION
         self.store = Store(self.data_dir / "telemetry.sqlite3", retention=retention)
         self.cut_off = self.store.mark_cut_off(CUT_OFF_NOTE)
+        # Accepted by the last process and never started: finished as lost once the finishers are wired.
+        self.lost = self.store.queued_records()
+        if self.lost:
+            logger.warning(
+                "Run Telemetry: %d prompt(s) were still queued when ComfyUI stopped (lost): %s",
+                len(self.lost),
+                [r.PromptId for r in self.lost],
+            )
         if self.cut_off:
             logger.warning(
                 "Run Telemetry: %d prompt(s) were cut off by the last stop: %s", len(self.cut_off), self.cut_off
@@ -65,14 +81,27 @@ class Runtime:
         self.pending = pending
         self.send = send
         self.recorder = Recorder(self.store, self.writer, snapshot, peak=peak)
-        # Accepted into / dropped from ComfyUI's queue: wired by hooks.install (hooks/queue.py).
+        # Accepted into / dropped from ComfyUI's queue (hooks/queue.py; the queue is wrapped by hooks.install).
         self.queue_events = QueueEvents()
+        self.queue_events.on_accept(self.recorder.accepted)
+        self.queue_events.on_dequeue(self.cancel_queued)
         self.version = __version__
         self.policy, self.policy_notes = policy_from_env(env)
         self.notes.extend(self.policy_notes)
         self.max_wait_seconds = float(self.policy.max_wait_seconds)
         self._waits: dict[str, int] = {}
         self._waits_lock = threading.Lock()
+
+    def cancel_queued(self, items: list[Any], how: str) -> None:
+        """Dequeue hook: prompts removed from ComfyUI's queue unrun get final ``cancelled`` records."""
+        self.recorder.dropped(items, "cancelled", CANCELLED_NOTES.get(how, f"cancelled before it ran ({how})"))
+
+    def finish_lost(self) -> list[str]:
+        """Finish the records the last process left queued as ``lost`` (markers, store, listeners); their ids."""
+        lost, self.lost = self.lost, []
+        for rec in lost:
+            self.recorder.finish_unrun(rec, "lost", LOST_NOTE)
+        return [r.PromptId for r in lost]
 
     def policy_view(self) -> dict[str, Any]:
         """The queue policy in force (from the environment) and the notes about invalid values."""

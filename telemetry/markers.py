@@ -89,10 +89,14 @@ class DoneMarker(_MarkerBase):
 
 
 class FailedMarker(_MarkerBase):
-    """Written when a prompt ended with an error or was interrupted."""
+    """Written when a prompt ended with an error, was interrupted, or will never run.
+
+    ``Outcome``: ``error``, ``interrupted``, ``cancelled`` (removed from ComfyUI's queue before it ran) or ``lost``
+    (still queued when ComfyUI stopped; written at the next start).
+    """
 
     kind: Literal["failed"] = Field("failed", alias="Kind")
-    outcome: Literal["error", "interrupted"] = Field("error", alias="Outcome")
+    outcome: Literal["error", "interrupted", "cancelled", "lost"] = Field("error", alias="Outcome")
     node: str | None = Field(None, alias="Node")
     node_type: str | None = Field(None, alias="NodeType")
     message: str = Field("", alias="Message")

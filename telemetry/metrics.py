@@ -44,7 +44,7 @@ DEFAULT_MAX_CLASS_TYPES = 100
 _MAX_CLASS_TYPE_CHARS = 128
 _DEDUPE_SIZE = 4096
 
-OUTCOMES: tuple[str, ...] = ("success", "error", "interrupted", "crashed")
+OUTCOMES: tuple[str, ...] = ("success", "error", "interrupted", "crashed", "cancelled", "lost")
 MARKER_STATES: tuple[str, ...] = ("written", "failed", "error", "skipped", "pending")
 NOTE_SOURCES: tuple[str, ...] = (
     "nvml",

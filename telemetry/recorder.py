@@ -8,10 +8,11 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 from .records import (
     FINAL_OUTCOMES,
+    UNRUN_OUTCOMES,
     MarkerState,
     NodeTiming,
     OutputRef,
@@ -35,6 +36,18 @@ TAG_NODE = "TelemetryCapture"
 Snapshot = dict[str, Any]
 Finisher = Callable[[PromptRecord], None]
 Listener = Callable[[PromptRecord], None]
+
+
+class QueuedPrompt(Protocol):
+    """What the recorder reads of a prompt ComfyUI's queue accepted (``hooks.queue.QueueItem`` has this shape)."""
+
+    prompt_id: str
+    prompt: Mapping[str, Any]
+    extra_data: Mapping[str, Any]
+    outputs_to_execute: list[str]
+
+
+AcceptHook = Callable[[PromptRecord, QueuedPrompt], None]
 
 
 @dataclass
@@ -218,6 +231,8 @@ class Recorder:
         self._perf = perf
         self._lock = threading.Lock()
         self._live: dict[str, _Live] = {}
+        # Accepted into ComfyUI's queue, not started yet (readers see them "queued" from the moment of acceptance).
+        self._queued: dict[str, PromptRecord] = {}
         # Ended on the worker, not yet through the writer (markers, store): still "running" to readers, so a
         # reader that sees a final outcome can trust that the marker and the stored record exist.
         self._finishing: dict[str, PromptRecord] = {}
@@ -229,6 +244,7 @@ class Recorder:
         self.version = 0
         self._finishers: list[tuple[str, Finisher]] = []
         self._start_hooks: list[Callable[[PromptRecord, Mapping[str, Any]], None]] = []
+        self._accept_hooks: list[AcceptHook] = []
         self._listeners: list[Listener] = []
         self.current_prompt_id: str | None = None
         self._peak = peak
@@ -247,33 +263,70 @@ class Recorder:
         """Run ``fn(record, prompt)`` on the worker thread when a prompt starts (kept cheap)."""
         self._start_hooks.append(fn)
 
+    def add_accept_hook(self, fn: AcceptHook) -> None:
+        """Run ``fn(record, item)`` when ComfyUI's queue accepts a prompt (aiohttp's thread: quick, no store writes).
+
+        ``record`` is the new ``queued`` record (tags, run and scene already set; hooks may add markers, notes, tags);
+        ``item`` is the queue entry (``prompt_id``, ``prompt``, ``extra_data``, ``outputs_to_execute``).
+        """
+        self._accept_hooks.append(fn)
+
     def add_listener(self, fn: Listener) -> None:
         """Call ``fn(record)`` after a record is stored (queued, started, finished)."""
         self._listeners.append(fn)
 
     # --- lifecycle (called by the ComfyUI adapter) ---
 
+    def accepted(self, item: QueuedPrompt) -> PromptRecord:
+        """ComfyUI's queue accepted a prompt (aiohttp's thread, before the prompt worker can see it).
+
+        Makes the ``queued`` record (tags from ``extra_data.telemetry`` and the graph, run and scene, ``QueuedAt``),
+        visible to readers at once; runs the accept hooks; its row is stored later by the writer thread (and not at
+        all when the prompt starts first: the running row follows). Returns the record.
+        """
+        prompt_id = str(item.prompt_id)
+        extra = item.extra_data if isinstance(item.extra_data, Mapping) else {}
+        rec = PromptRecord(PromptId=prompt_id, Outcome="queued")
+        client = extra.get("client_id")
+        rec.ClientId = client if isinstance(client, str) else None
+        queued_ms = extra.get("create_time") or extra.get("run_telemetry_queued_ms")
+        rec.QueuedAt = iso(queued_ms / 1000.0 if isinstance(queued_ms, int | float) else self._clock())
+        self._apply_tags(rec, self._tags(item.prompt, extra))
+        rec.Workflow = item.prompt if isinstance(item.prompt, dict) else dict(item.prompt or {})
+        for hook in self._accept_hooks:
+            try:
+                hook(rec, item)
+            except Exception as exc:
+                logger.exception("Run Telemetry: accept hook failed for prompt %s", prompt_id)
+                rec.FallbackNotes.append(f"accept hook {getattr(hook, '__name__', hook)} failed: {exc}")
+        with self._lock:
+            # A reused id: the older execution's record stays in the store; readers now see this one.
+            self._recent.pop(prompt_id, None)
+            self._final_json.pop(prompt_id, None)
+            self._queued[prompt_id] = rec
+            self.version += 1
+        self.writer.submit_after(self.running_row_delay, lambda: self._persist_queued(rec))
+        return rec
+
     def started(self, prompt_id: str, prompt: Mapping[str, Any] | None, extra_data: Mapping[str, Any] | None) -> None:
-        """The worker picked the prompt up: snapshot before, tags, queue wait."""
-        extra = dict(extra_data or {})
+        """The worker picked the prompt up: snapshot before, queue wait; continues the ``queued`` record if any."""
+        extra = extra_data if isinstance(extra_data, Mapping) else {}
         now = self._clock()
         with self._lock:
-            rec = self._recent.pop(prompt_id, None)
+            rec = self._queued.pop(prompt_id, None)
+            if rec is None:
+                self._recent.pop(prompt_id, None)
             self._final_json.pop(prompt_id, None)
-        if rec is None:
+        if rec is None:  # not seen accepted (the queue hook is off): tags from here, as before
             rec = PromptRecord(PromptId=prompt_id)
+            rec.ClientId = extra.get("client_id")
+            self._apply_tags(rec, self._tags(prompt, extra))
         rec.Outcome = "running"
-        rec.ClientId = rec.ClientId or extra.get("client_id")
         queued_ms = extra.get("create_time") or extra.get("run_telemetry_queued_ms")
         if isinstance(queued_ms, int | float):
             rec.QueuedAt = iso(queued_ms / 1000.0)
             rec.QueueWaitSeconds = round(max(0.0, now - queued_ms / 1000.0), 6)
         rec.StartedAt = iso(now)
-        tags = tags_from_graph(prompt)
-        client_tags = extra.get("telemetry")
-        if isinstance(client_tags, Mapping):
-            tags.update({k: v for k, v in client_tags.items() if v is not None})  # the client's tags win
-        self._apply_tags(rec, tags)
         if prompt is not None:
             rec.Workflow = dict(prompt)
         rec.Before = self._safe_snapshot(rec)
@@ -409,6 +462,40 @@ class Recorder:
         )
         self.writer.submit(lambda: self._finish(live, end))
 
+    def dropped(self, items: list[QueuedPrompt], outcome: str, note: str) -> list[str]:
+        """Queued prompts that will never run (``cancelled``: removed from the queue): final records, at once.
+
+        Each goes through the same finishing steps as a prompt that ended (markers get a ``.failed`` naming
+        ``outcome``, the contract block, the store, the listeners and so the waiters), on the writer thread; readers
+        see the final outcome as soon as those steps are done. Returns the prompt ids.
+        """
+        if outcome not in UNRUN_OUTCOMES:
+            raise ValueError(f"outcome must be one of {sorted(UNRUN_OUTCOMES)}, not {outcome!r}")
+        now = self._clock()
+        done = []
+        for item in items:
+            prompt_id = str(item.prompt_id)
+            with self._lock:
+                rec = self._queued.pop(prompt_id, None)
+            if rec is None:  # accepted before the hook was wired, or its accept failed: from the queue entry
+                rec = self.accepted(item)
+                with self._lock:
+                    self._queued.pop(prompt_id, None)
+            self.finish_unrun(rec, outcome, note, now=now)
+            done.append(prompt_id)
+        return done
+
+    def finish_unrun(self, rec: PromptRecord, outcome: str, note: str, *, now: float | None = None) -> None:
+        """Finish a record of a prompt that never ran as ``outcome`` (``cancelled`` or ``lost``), on the writer."""
+        rec.Outcome = outcome  # type: ignore[assignment]
+        rec.EndedAt = iso(self._clock() if now is None else now)
+        rec.Error = PromptError(ExceptionType=outcome.capitalize(), Message=note)
+        rec.FallbackNotes.append(note)
+        with self._lock:
+            self._finishing[rec.PromptId] = rec
+            self.version += 1
+        self.writer.submit(lambda: self._finalize(rec))
+
     # --- reads (routes) ---
 
     def get(self, prompt_id: str) -> PromptRecord | None:
@@ -419,7 +506,10 @@ class Recorder:
                 return _copy(live.record)
             finishing = self._finishing.get(prompt_id)
             if finishing is not None:
-                return _copy(finishing, running=True)
+                return _copy(finishing, running=finishing.Outcome not in UNRUN_OUTCOMES)
+            queued = self._queued.get(prompt_id)
+            if queued is not None:
+                return _copy(queued)
             rec = self._recent.get(prompt_id)
         if rec is not None:
             return rec
@@ -429,7 +519,8 @@ class Recorder:
         """Newest prompts first: running and queued, then finished."""
         with self._lock:
             live = [_copy(lv.record) for lv in self._live.values()]
-            live += [_copy(r, running=True) for r in self._finishing.values()]
+            live += [_copy(r, running=r.Outcome not in UNRUN_OUTCOMES) for r in self._finishing.values()]
+            live += [_copy(r) for r in reversed(self._queued.values())]
             done = list(reversed(self._recent.values()))
         out = live + done
         if len(out) < limit:
@@ -440,8 +531,8 @@ class Recorder:
     def final_json(self, prompt_id: str) -> bytes | None:
         """The serialized final record of a finished prompt (memory, then the store), or ``None``."""
         with self._lock:
-            if prompt_id in self._live or prompt_id in self._finishing:
-                return None  # running again (a reused prompt id): the old final body is not the answer
+            if prompt_id in self._live or prompt_id in self._finishing or prompt_id in self._queued:
+                return None  # queued or running again (a reused prompt id): the old final body is not the answer
             body = self._final_json.get(prompt_id)
             if body is not None:
                 self._final_json.move_to_end(prompt_id)  # least recently used goes first
@@ -467,6 +558,14 @@ class Recorder:
         with self._lock:
             pid = prompt_id or self.current_prompt_id
             return self._live.get(pid) if pid else None
+
+    @staticmethod
+    def _tags(prompt: Mapping[str, Any] | None, extra: Mapping[str, Any]) -> dict[str, Any]:
+        tags = tags_from_graph(prompt)
+        client_tags = extra.get("telemetry")
+        if isinstance(client_tags, Mapping):
+            tags.update({k: v for k, v in client_tags.items() if v is not None})  # the client's tags win
+        return tags
 
     def _apply_tags(self, rec: PromptRecord, tags: dict[str, Any]) -> None:
         if not tags:
@@ -535,6 +634,10 @@ class Recorder:
             if rec.Outcome not in FINAL_OUTCOMES:
                 rec.Outcome = "error"
             rec.FallbackNotes.append(f"record incomplete: {type(exc).__name__}: {exc}")
+        self._finalize(rec)
+
+    def _finalize(self, rec: PromptRecord) -> None:
+        """The finishing steps, the store and the listeners for a final record (writer thread)."""
         for name, fn in self._finishers:
             try:
                 fn(rec)
@@ -555,6 +658,16 @@ class Recorder:
                 self._recent.popitem(last=False)
         self._publish(rec)
 
+    def _persist_queued(self, rec: PromptRecord) -> None:
+        """Store the row of a prompt still queued (the next start marks it ``lost`` if ComfyUI stops first)."""
+        with self._lock:
+            if self._queued.get(rec.PromptId) is not rec:
+                return  # started (its running row follows) or dropped (its final row follows) meanwhile
+            # Under the lock: started() takes the record out under it before changing it, so this is a clean view.
+            body = rec.model_dump_json(exclude={"Workflow"})
+        self._store(rec, body, outcome="queued")
+        self._publish(PromptRecord.model_validate_json(body))
+
     def _persist_running(self, live: _Live, *, publish: bool = True) -> None:
         """Store the row of a prompt still running (a kill leaves it for the next start to mark as cut off)."""
         rec = live.record
@@ -571,9 +684,9 @@ class Recorder:
         if publish:
             self._publish(PromptRecord.model_validate_json(body))
 
-    def _store(self, rec: PromptRecord, body: str) -> None:
+    def _store(self, rec: PromptRecord, body: str, *, outcome: str | None = None) -> None:
         try:
-            self.store.put_json(rec.PromptId, rec.RunId, rec.SceneId, rec.Outcome, body)
+            self.store.put_json(rec.PromptId, rec.RunId, rec.SceneId, outcome or rec.Outcome, body)
         except Exception as exc:
             logger.exception("Run Telemetry: could not store prompt %s", rec.PromptId)
             rec.FallbackNotes.append(f"store write failed: {type(exc).__name__}: {exc}")

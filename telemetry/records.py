@@ -7,8 +7,12 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-OutcomeName = Literal["queued", "running", "success", "error", "interrupted", "crashed"]
-FINAL_OUTCOMES: frozenset[str] = frozenset({"success", "error", "interrupted", "crashed"})
+OutcomeName = Literal["queued", "running", "success", "error", "interrupted", "crashed", "cancelled", "lost"]
+# cancelled: removed from ComfyUI's queue before it ran (POST /queue delete or clear, the jobs cancel route).
+# lost: still queued when ComfyUI stopped (ComfyUI does not restore its queue); marked so at the next start.
+FINAL_OUTCOMES: frozenset[str] = frozenset({"success", "error", "interrupted", "crashed", "cancelled", "lost"})
+# Final outcomes of prompts that never ran: no node timings, snapshots or outputs, and never retried.
+UNRUN_OUTCOMES: frozenset[str] = frozenset({"cancelled", "lost"})
 
 
 def iso(ts: float | None) -> str | None:

@@ -202,7 +202,7 @@ def _assemble_scene(scene_id: str, attempts: Sequence[RawRecord], ctx: _Context)
         tags = {k: v for r in attempts for k, v in (r.get("Tags") or {}).items()}
     frames = _frames(last)
     floor = _int_or_none(tags.get("frame_floor"))
-    final = last_outcome in FINAL_OUTCOMES and last_outcome != "crashed"
+    final = last_outcome in FINAL_OUTCOMES and last_outcome not in ("crashed", "lost")
     history_errors = []
     summaries = []
     errors = []

@@ -14,7 +14,10 @@ from typing import Any
 
 import pydantic_core
 
-from .records import PromptRecord
+from .records import FINAL_OUTCOMES, PromptRecord
+
+_FINAL_SQL = ",".join(f"'{o}'" for o in sorted(FINAL_OUTCOMES))
+_FAILED_SQL = ",".join(f"'{o}'" for o in sorted(FINAL_OUTCOMES - {"success"}))
 
 logger = logging.getLogger("run_telemetry.store")
 
@@ -106,10 +109,13 @@ class Store:
             return cur.rowcount
 
     def mark_cut_off(self, note: str) -> list[str]:
-        """Mark records left queued or running by a process that died as ``crashed``; return their ids."""
+        """Mark records left running by a process that died as ``crashed``; return their ids.
+
+        Records left ``queued`` are not touched here: see :meth:`queued_records` (the recorder finishes them ``lost``).
+        """
         ids: list[str] = []
         with self._conn() as c:
-            rows = c.execute("SELECT record FROM prompts WHERE outcome IN ('queued','running')").fetchall()
+            rows = c.execute("SELECT record FROM prompts WHERE outcome = 'running'").fetchall()
             for (raw,) in rows:
                 rec = PromptRecord.model_validate_json(raw)
                 rec.Outcome = "crashed"
@@ -120,6 +126,12 @@ class Store:
                     (time.time(), rec.model_dump_json(), rec.PromptId),
                 )
         return ids
+
+    def queued_records(self) -> list[PromptRecord]:
+        """Records still ``queued`` (accepted by ComfyUI's queue, never started), oldest first."""
+        with self._conn() as c:
+            rows = c.execute("SELECT record FROM prompts WHERE outcome = 'queued' ORDER BY rowid").fetchall()
+        return [PromptRecord.model_validate_json(r[0]) for r in rows]
 
     def put_run(self, run_id: str, info: dict[str, Any]) -> None:
         """Insert or update a run's own information (policy, story, retries)."""
@@ -143,7 +155,7 @@ class Store:
         """The stored JSON of a finished prompt, exactly as routes serve it, or ``None``."""
         with self._conn() as c:
             row = c.execute(
-                "SELECT record FROM prompts WHERE prompt_id=? AND outcome IN ('success','error','interrupted','crashed')",
+                f"SELECT record FROM prompts WHERE prompt_id=? AND outcome IN ({_FINAL_SQL})",
                 (prompt_id,),
             ).fetchone()
         return row[0].encode() if row else None
@@ -185,7 +197,7 @@ class Store:
         """Every run, newest activity first: scenes, prompts, and scene outcomes judged by each scene's last attempt."""
         with self._conn() as c:
             rows = c.execute(
-                """
+                f"""
                 WITH ranked AS (
                     SELECT run_id, outcome, updated_at,
                            ROW_NUMBER() OVER (PARTITION BY run_id, COALESCE(scene_id, prompt_id)
@@ -195,7 +207,7 @@ class Store:
                     FROM prompts WHERE run_id IS NOT NULL
                 )
                 SELECT run_id, COUNT(*), MAX(prompts), MAX(last),
-                       SUM(outcome = 'success'), SUM(outcome IN ('error','interrupted','crashed')),
+                       SUM(outcome = 'success'), SUM(outcome IN ({_FAILED_SQL})),
                        SUM(outcome IN ('queued','running'))
                 FROM ranked WHERE rn = 1 GROUP BY run_id ORDER BY MAX(last) DESC
                 """

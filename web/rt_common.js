@@ -8,7 +8,7 @@ import { api } from "../../scripts/api.js";
 export { app, api };
 
 export const EVENT = "telemetry.prompt";
-export const FINAL_OUTCOMES = new Set(["success", "error", "interrupted", "crashed"]);
+export const FINAL_OUTCOMES = new Set(["success", "error", "interrupted", "crashed", "cancelled", "lost"]);
 const KEPT_PROMPTS = 500;
 
 // --- settings -------------------------------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ const OUTCOME_TEXT = {
   error: "error",
   interrupted: "interrupted",
   crashed: "crashed",
+  cancelled: "cancelled before it ran",
+  lost: "lost (queued when ComfyUI stopped)",
 };
 
 const secs = (v) => `${v} s`;

@@ -6,6 +6,8 @@ const OUTCOME_COLOR = {
   error: "#ef5350",
   crashed: "#ef5350",
   interrupted: "#ffb74d",
+  cancelled: "#9e9e9e",
+  lost: "#ef5350",
   running: "#64b5f6",
 };
 

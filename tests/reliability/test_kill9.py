@@ -3,6 +3,7 @@ marked, and no partial file is left anywhere (output folder, telemetry store fol
 
 from __future__ import annotations
 
+import json
 import random
 import sqlite3
 import time
@@ -76,7 +77,7 @@ def kill_during_stream(server: ComfyServer, rng: random.Random) -> tuple[dict, s
 
 def check_after_restart(server: ComfyServer, known: dict, cut_id: str | None, all_ids: list[str]) -> dict[str, int]:
     """Everything the kill must not have broken; returns counts of what each prompt became."""
-    counts = {"success": 0, "crashed": 0, "unknown": 0, "cut_off_marked": 0}
+    counts = {"success": 0, "crashed": 0, "lost": 0, "unknown": 0, "cut_off_marked": 0}
     for pid, before in known.items():
         status, rec = server.request("GET", f"/telemetry/prompts/{pid}")
         assert status == 200, (pid, status, rec)
@@ -92,14 +93,17 @@ def check_after_restart(server: ComfyServer, known: dict, cut_id: str | None, al
     for pid in all_ids:
         status, rec = server.request("GET", f"/telemetry/prompts/{pid}")
         if status == 404:
-            counts["unknown"] += 1  # queued in ComfyUI's memory only, never started: ComfyUI forgot it too
+            counts["unknown"] += 1  # accepted and killed before its queued row was written (under 50 ms)
             continue
         assert status == 200
-        # Nothing is left half-way: success with an intact marker, or marked as cut off.
-        assert rec["Outcome"] in ("success", "crashed"), (pid, rec["Outcome"])
+        # Nothing is left half-way: success with an intact marker, marked as cut off, or lost (never started).
+        assert rec["Outcome"] in ("success", "crashed", "lost"), (pid, rec["Outcome"])
         counts[rec["Outcome"]] += 1
         if rec["Outcome"] == "success":
             check_done_marker(server.output_dir, rec)
+        elif rec["Outcome"] == "lost":
+            prefix = rec["Markers"][0]["Prefix"]
+            assert json.loads((server.output_dir / f"{prefix}.failed").read_text())["Outcome"] == "lost"
         else:
             done = server.output_dir / f"{rec['Markers'][0]['Prefix']}.done"
             if done.exists():  # killed between the marker's rename and the final store write: the marker is whole
