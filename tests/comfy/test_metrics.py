@@ -264,10 +264,11 @@ def test_prometheus_scrapes_two_workers_and_sums_match(fleet: Fleet, tmp_path: P
     records = [(server, run_prompts(server, tmp_path, **counts)) for server, counts in plan]
     records[1][1].extend(run_retried_scene(b, tmp_path))  # one retry, on the older ComfyUI
     every = [r for _, rs in records for r in rs]
-    outcomes = {"success": 0, "error": 0, "interrupted": 0, "crashed": 0}
+    outcomes = {"success": 0, "error": 0, "interrupted": 0, "crashed": 0, "cancelled": 0, "lost": 0}
     for r in every:
         outcomes[r["Outcome"]] += 1
-    assert outcomes == {"success": 6, "error": 4, "interrupted": 1, "crashed": 0}, outcomes
+    expected = {"success": 6, "error": 4, "interrupted": 1, "crashed": 0, "cancelled": 0, "lost": 0}
+    assert outcomes == expected, outcomes
 
     eventually(
         prom,
