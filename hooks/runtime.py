@@ -13,6 +13,7 @@ from ..telemetry import __version__
 from ..telemetry.paths import UnsafePrefixError, resolve_prefix
 from ..telemetry.policy import QueuePolicy, apply_overrides, policy_from_env
 from ..telemetry.recorder import Recorder
+from ..telemetry.retries import RetryBook
 from ..telemetry.store import DEFAULT_RETENTION, Store
 from ..telemetry.writer import Writer
 from .queue import QueueEvents
@@ -86,6 +87,8 @@ class Runtime:
         self.queue_events.on_accept(self.recorder.accepted)
         self.queue_events.on_dequeue(self.cancel_queued)
         self.version = __version__
+        # Attempts per scene and the budget's own retries, in memory (hooks/runs.py): the bound on retries.
+        self.retries = RetryBook()
         self.policy, self.policy_notes = policy_from_env(env)
         self.notes.extend(self.policy_notes)
         self.max_wait_seconds = float(self.policy.max_wait_seconds)

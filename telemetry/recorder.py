@@ -293,6 +293,11 @@ class Recorder:
         rec.QueuedAt = iso(queued_ms / 1000.0 if isinstance(queued_ms, int | float) else self._clock())
         self._apply_tags(rec, self._tags(item.prompt, extra))
         rec.Workflow = item.prompt if isinstance(item.prompt, dict) else dict(item.prompt or {})
+        rec.Submission = {
+            "extra_data": dict(extra),
+            "outputs_to_execute": list(item.outputs_to_execute or ()),
+            "sensitive": dict(getattr(item, "sensitive", None) or {}),
+        }
         for hook in self._accept_hooks:
             try:
                 hook(rec, item)
@@ -320,6 +325,7 @@ class Recorder:
         if rec is None:  # not seen accepted (the queue hook is off): tags from here, as before
             rec = PromptRecord(PromptId=prompt_id)
             rec.ClientId = extra.get("client_id")
+            rec.Submission = {"extra_data": dict(extra)}
             self._apply_tags(rec, self._tags(prompt, extra))
         rec.Outcome = "running"
         queued_ms = extra.get("create_time") or extra.get("run_telemetry_queued_ms")
@@ -528,6 +534,22 @@ class Recorder:
             out += [r for r in self.store.recent(limit) if r.PromptId not in seen]
         return out[:limit]
 
+    def known(self, prompt_id: str) -> bool:
+        """Whether ``prompt_id`` was already recorded: queued, running, finished (memory or store)."""
+        with self._lock:
+            if (
+                prompt_id in self._queued
+                or prompt_id in self._live
+                or prompt_id in self._finishing
+                or prompt_id in self._recent
+            ):
+                return True
+        try:
+            return self.store.has(prompt_id)
+        except Exception:  # a store that cannot be read: memory is all there is
+            logger.debug("store lookup of %s failed", prompt_id, exc_info=True)
+            return False
+
     def final_json(self, prompt_id: str) -> bytes | None:
         """The serialized final record of a finished prompt (memory, then the store), or ``None``."""
         with self._lock:
@@ -644,7 +666,7 @@ class Recorder:
             except Exception as exc:
                 logger.exception("Run Telemetry: finishing step %s failed for prompt %s", name, rec.PromptId)
                 rec.FallbackNotes.append(f"{name} failed: {type(exc).__name__}: {exc}")
-        rec.Workflow = None  # needed only by the finishers (retry); keeps stored records small
+        rec.Workflow = rec.Submission = None  # needed only by the finishers (retry); keeps stored records small
         body = rec.model_dump_json(exclude={"Workflow"})
         self._store(rec, body)
         with self._lock:

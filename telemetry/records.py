@@ -116,6 +116,9 @@ class PromptRecord(_Model):
     Attempt: int = 1
     Telemetry: dict[str, Any] | None = None
     Workflow: dict[str, Any] | None = Field(default=None, description="The API prompt, kept for retries.")
+    # The rest of the submission, for a retry that keeps it whole: extra_data (every key), outputs to execute and
+    # ComfyUI's sensitive extra_data. In memory only, until the finishing steps ran: never serialized.
+    Submission: dict[str, Any] | None = Field(default=None, exclude=True)
 
     def summary(self) -> dict[str, Any]:
         """The small form sent over the websocket and listed by ``GET /telemetry``."""

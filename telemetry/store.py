@@ -160,6 +160,20 @@ class Store:
             ).fetchone()
         return row[0].encode() if row else None
 
+    def has(self, prompt_id: str) -> bool:
+        """Whether a record of ``prompt_id`` is stored (any outcome)."""
+        with self._conn() as c:
+            return c.execute("SELECT 1 FROM prompts WHERE prompt_id=?", (prompt_id,)).fetchone() is not None
+
+    def scene_prompt_ids(self, run_id: str, scene: str) -> set[str]:
+        """Prompt ids stored for one scene of a run (``scene`` is its scene id, or the prompt id of a scene-less one)."""
+        with self._conn() as c:
+            rows = c.execute(
+                "SELECT prompt_id FROM prompts WHERE run_id=? AND (scene_id=? OR (scene_id IS NULL AND prompt_id=?))",
+                (run_id, scene, scene),
+            ).fetchall()
+        return {r[0] for r in rows}
+
     def recent(self, limit: int) -> list[PromptRecord]:
         """The most recently updated records, newest first."""
         with self._conn() as c:
