@@ -190,8 +190,10 @@ def _attempt_summary(number: int, rec: RawRecord, exit_reason: str) -> dict[str,
     return summary
 
 
-def _attempt_order(rec: RawRecord) -> tuple[str, str]:
-    return (rec.get("StartedAt") or rec.get("QueuedAt") or "", rec["PromptId"])
+def _attempt_order(rec: RawRecord) -> tuple[int, int, str, str]:
+    # The recorder's sequence number (never the wall clock); records of older versions, without one, come first.
+    seq = rec.get("Seq")
+    return (0 if seq is None else 1, seq or 0, rec.get("StartedAt") or rec.get("QueuedAt") or "", rec["PromptId"])
 
 
 def _assemble_scene(scene_id: str, attempts: Sequence[RawRecord], ctx: _Context) -> dict[str, Any]:
