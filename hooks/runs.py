@@ -269,13 +269,8 @@ def retry_failed_scene(rt: Runtime, server: Any, rec: PromptRecord) -> None:
     except Exception as exc:
         logger.warning("Run Telemetry: earlier attempts of scene %s not read from the store: %s", scene, exc)
     attempts = max(len(ids), rec.Attempt)
-    budget = policy.scene_retry_budget
-    ceiling = rt.policy.scene_retry_budget  # SCENE_RETRY_BUDGET: a run's policy may lower it, never raise it
-    if budget > ceiling:
-        rec.FallbackNotes.append(
-            f"the run's policy asks for {budget} retries; SCENE_RETRY_BUDGET={ceiling} is the ceiling"
-        )
-        budget = ceiling
+    # run_policy caps a run's budget at SCENE_RETRY_BUDGET; min() keeps the ceiling if that ever changes.
+    budget = min(policy.scene_retry_budget, rt.policy.scene_retry_budget)
     if attempts >= 1 + budget:
         rec.FallbackNotes.append(f"scene {scene} failed after {attempts} attempt(s); retry budget exhausted")
         return

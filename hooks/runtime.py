@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,13 @@ class Runtime:
         """The policy of a run: the environment's, with the run's own overrides; plus notes that affect it."""
         info = self.store.run_info(run_id) if run_id else None
         policy, notes = apply_overrides(self.policy, (info or {}).get("PolicyOverrides"))
+        ceiling = self.policy.scene_retry_budget
+        if policy.scene_retry_budget > ceiling:  # SCENE_RETRY_BUDGET bounds every run: a run may lower it only
+            notes.append(
+                f"the run's policy asks for scene_retry_budget={policy.scene_retry_budget}; "
+                f"SCENE_RETRY_BUDGET={ceiling} is the ceiling"
+            )
+            policy = replace(policy, scene_retry_budget=ceiling)
         return policy, [*self.policy_notes, *notes]
 
     def current_prompt_id(self) -> str | None:

@@ -51,7 +51,9 @@ def failing_capture_prompt(run_id: str, prefix: str) -> dict[str, Any]:
     return with_capture(with_raise(frames(prefix, count=1), "scene render failed"), run_id=run_id)
 
 
-def check_bounded(server: ComfyServer, run_id: str, first: str, budget: int = 1) -> list[dict[str, Any]]:
+def check_bounded(
+    server: ComfyServer, run_id: str, first: str, budget: int = 1, scene: str | None = None
+) -> list[dict[str, Any]]:
     chain = attempt_chain(server, first)
     assert len(chain) == 1 + budget, [(r["PromptId"], r.get("RetriedBy")) for r in chain]
     assert chain[-1]["RetriedBy"] is None
@@ -59,9 +61,9 @@ def check_bounded(server: ComfyServer, run_id: str, first: str, budget: int = 1)
     # The last attempt's retry would have been queued before its final record was published: nothing follows.
     assert not (pending_ids(server) - {r["PromptId"] for r in chain})
     assert run_row(server, run_id)["Prompts"] == 1 + budget
-    # All attempts are one scene, named after the first prompt, with the attempt numbers 1..n.
+    # All attempts are one scene (named after the first prompt when it has no scene id), attempts numbered 1..n.
     assert [r["Attempt"] for r in chain] == list(range(1, 2 + budget))
-    assert {r["SceneId"] for r in chain[1:]} == {first}
+    assert {r["SceneId"] for r in chain[1:]} == {scene or first}
     return chain
 
 
@@ -197,3 +199,14 @@ def test_scene_queued_again_by_hand_is_an_attempt_not_a_requeue(comfy: ComfyServ
     scene = meta["Scenes"][0]
     assert scene["AttemptsRun"] == 2 and scene["Requeued"] is False and scene["Success"] is True, scene
     assert not any("RetryOf" in a for a in scene["AttemptSummaries"])
+
+
+def test_run_policy_cannot_raise_the_ceiling(comfy: ComfyServer) -> None:
+    run_id = uniq("ceiling")
+    tags = {"telemetry": {"run_id": run_id, "scene_id": "1", "policy": {"scene_retry_budget": 50}}}
+    first = comfy.queue(with_raise(frames(uniq("ceiling/frame"), count=1)), extra_data=tags)
+    chain = check_bounded(comfy, run_id, first, scene="1")
+    status, meta = comfy.request("GET", f"/telemetry/runs/{run_id}")
+    assert meta["QueueConfig"]["SceneRetryBudget"] == 1
+    assert any("is the ceiling" in n for n in meta["Scenes"][0]["Telemetry"]["System"]["FallbackNotes"])
+    assert chain[1]["RetryOf"] == first
