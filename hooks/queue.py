@@ -39,6 +39,7 @@ class QueueItem:
     prompt: Mapping[str, Any]
     extra_data: Mapping[str, Any]
     outputs_to_execute: list[str]
+    sensitive: Mapping[str, Any] | None = None  # 0.3.6x+: extra_data keys ComfyUI keeps out of history (API keys)
 
     @classmethod
     def from_tuple(cls, item: Any) -> QueueItem | None:
@@ -46,6 +47,7 @@ class QueueItem:
         try:
             number, prompt_id, prompt, extra = item[0], item[1], item[2], item[3]
             outputs = item[4] if len(item) > 4 else []
+            sensitive = item[5] if len(item) > 5 else None
         except (TypeError, IndexError, KeyError):
             return None
         return cls(
@@ -54,6 +56,7 @@ class QueueItem:
             prompt=prompt if isinstance(prompt, Mapping) else {},
             extra_data=extra if isinstance(extra, Mapping) else {},
             outputs_to_execute=[str(o) for o in outputs] if isinstance(outputs, list | tuple) else [],
+            sensitive=sensitive if isinstance(sensitive, Mapping) else None,
         )
 
 

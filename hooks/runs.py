@@ -6,7 +6,8 @@ import json
 import logging
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+import uuid
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -19,7 +20,10 @@ from .runtime import Runtime
 logger = logging.getLogger("run_telemetry")
 
 PROMPT_PATHS = frozenset({"/prompt", "/api/prompt"})
+INTERRUPT_PATHS = frozenset({"/interrupt", "/api/interrupt"})
 PRIVATE_KEYS = ("attempt", "retry_of")
+# extra_data keys ComfyUI (or this package) stamps at submission: a retry gets fresh ones.
+STAMPED_KEYS = ("create_time", "run_telemetry_queued_ms")
 
 
 def telemetry_body_problem(body: Any) -> tuple[str, str] | None:
@@ -53,8 +57,58 @@ def telemetry_body_problem(body: Any) -> tuple[str, str] | None:
     return None
 
 
-def make_middleware() -> Any:
-    """An aiohttp middleware refusing POST /prompt bodies whose run tags are unusable, with 400 and a reason."""
+def duplicate_prompt_problem(body: Any, known: Callable[[str], bool]) -> str | None:
+    """The message for a POST /prompt body whose client-chosen ``prompt_id`` was already recorded, or ``None``."""
+    if not isinstance(body, Mapping) or "prompt_id" not in body:
+        return None
+    prompt_id = str(body["prompt_id"])
+    if not known(prompt_id):
+        return None
+    return (
+        f"prompt_id {prompt_id!r} was already recorded (queued, running or finished): one prompt id is one execution. "
+        "Leave prompt_id out to get a new one, or send a new id to run the workflow again"
+    )
+
+
+Check = Callable[[web.Request, Any], Awaitable[web.StreamResponse | None]]
+
+
+def make_middleware(known: Callable[[str], bool] | None = None) -> Any:
+    """An aiohttp middleware refusing unusable POST /prompt bodies: 400 for bad run tags, 409 for a reused prompt id.
+
+    Each check gets the request and the parsed body and answers a response to refuse it, or ``None``.
+    """
+
+    async def check_tags(request: web.Request, body: Any) -> web.StreamResponse | None:
+        problem = telemetry_body_problem(body)
+        if problem is None:
+            return None
+        param, message = problem
+        return web.json_response(
+            {"error": {"type": "invalid_telemetry", "message": message, "parameter": param}, "node_errors": {}},
+            status=400,
+        )
+
+    async def check_duplicate(request: web.Request, body: Any) -> web.StreamResponse | None:
+        if known is None:
+            return None
+        message = duplicate_prompt_problem(body, known)
+        if message is None:
+            return None
+        return web.json_response(
+            {
+                "error": {
+                    "type": "duplicate_prompt_id",
+                    "message": message,
+                    "parameter": "prompt_id",
+                    "prompt_id": str(body["prompt_id"]),
+                },
+                "node_errors": {},
+            },
+            status=409,
+        )
+
+    checks: list[Check] = [check_tags, check_duplicate]
 
     @web.middleware
     async def run_telemetry_prompt_check(request: web.Request, handler: Any) -> web.StreamResponse:
@@ -63,44 +117,81 @@ def make_middleware() -> Any:
                 body = await request.json()  # aiohttp caches the body: ComfyUI's handler reads it again
             except (ValueError, UnicodeDecodeError, RecursionError):
                 body = None  # ComfyUI's own handler answers malformed (or absurdly nested) JSON
-            problem = telemetry_body_problem(body)
-            if problem is not None:
-                param, message = problem
-                return web.json_response(
-                    {"error": {"type": "invalid_telemetry", "message": message, "parameter": param}, "node_errors": {}},
-                    status=400,
-                )
+            for check in checks:
+                refused = await check(request, body)
+                if refused is not None:
+                    return refused
         return await handler(request)
 
     return run_telemetry_prompt_check
 
 
+def make_interrupt_middleware(on_interrupt: Callable[[], None]) -> Any:
+    """An aiohttp middleware calling ``on_interrupt()`` after ComfyUI handled POST /interrupt."""
+
+    @web.middleware
+    async def run_telemetry_interrupt(request: web.Request, handler: Any) -> web.StreamResponse:
+        response = await handler(request)
+        if request.method == "POST" and request.path in INTERRUPT_PATHS:
+            try:
+                on_interrupt()
+            except Exception:
+                logger.exception("Run Telemetry: cancelling pending retries after an interrupt failed")
+        return response
+
+    return run_telemetry_interrupt
+
+
 def install_runs(rt: Runtime, server: Any) -> None:
-    """Wire the middleware, the run-information start hook and the retry finisher."""
-    server.app.middlewares.append(make_middleware())
+    """Wire the middlewares, the attempt accounting, the run-information start hook and the retry finisher."""
+    server.app.middlewares.append(make_middleware(rt.recorder.known))
+    server.app.middlewares.append(make_interrupt_middleware(lambda: cancel_pending_retries(rt, server)))
+    book = rt.retries
+
+    def cleared(items: list[Any], how: str) -> None:
+        if how == "clear":  # the queue was cleared: attempts running now are not retried either
+            book.cancel()
+
+    rt.queue_events.on_dequeue(cleared)
+    stored_story: set[str] = set()
+
+    def keep_story_once(rec: PromptRecord, item: Any) -> None:
+        """Accept hook: a run's story is kept once, in the run's information, not in every prompt record."""
+        story = rec.Tags.pop("story", None)
+        run_id = rec.RunId
+        if not run_id or not isinstance(story, Mapping) or run_id in stored_story:
+            return
+        stored_story.add(run_id)
+
+        def job() -> None:
+            info = rt.store.run_info(run_id) or {}
+            if not info.get("Story"):
+                info["Story"] = dict(story)
+                rt.store.put_run(run_id, info)
+
+        rt.writer.submit(job)
+
+    rt.recorder.add_accept_hook(keep_story_once)
 
     def remember_run(rec: PromptRecord, prompt: Mapping[str, Any]) -> None:
         if not rec.RunId:
             return
-        attempt = rec.Tags.get("attempt")
-        if isinstance(attempt, int) and attempt > 0:
-            rec.Attempt = attempt
-        if isinstance(rec.Tags.get("retry_of"), str):
-            rec.RetryOf = rec.Tags["retry_of"]
+        scene = book.scene_of(rec.PromptId, rec.SceneId)
+        rec.Attempt = book.started(rec.RunId, scene, rec.PromptId)
+        planned = book.planned(rec.PromptId)
+        # Only the budget's own retries are requeues; attempt/retry_of tags a client sends are not trusted.
+        rec.RetryOf = planned.retry_of if planned is not None else None
+        if "story" in rec.Tags:  # not seen accepted through the queue hook: kept once all the same
+            keep_story_once(rec, None)
         overrides = rec.Tags.get("policy")
-        story = rec.Tags.get("story")
+        if not isinstance(overrides, Mapping):
+            return
         run_id = rec.RunId
 
         def job() -> None:
             info = rt.store.run_info(run_id) or {}
-            changed = False
-            if isinstance(overrides, Mapping) and info.get("PolicyOverrides") != dict(overrides):
+            if info.get("PolicyOverrides") != dict(overrides):
                 info["PolicyOverrides"] = dict(overrides)
-                changed = True
-            if isinstance(story, Mapping) and not info.get("Story"):
-                info["Story"] = dict(story)
-                changed = True
-            if changed or not info:
                 rt.store.put_run(run_id, info)
 
         rt.writer.submit(job)
@@ -108,6 +199,20 @@ def install_runs(rt: Runtime, server: Any) -> None:
     rt.recorder.add_start_hook(remember_run)
     # First: when a retry follows, the marker step must not announce a .failed the retry may replace.
     rt.recorder.add_finisher("scene retry", lambda rec: retry_failed_scene(rt, server, rec), first=True)
+
+
+def cancel_pending_retries(rt: Runtime, server: Any) -> list[str]:
+    """After an interrupt: no attempt running now is retried, and retries the budget queued leave the queue."""
+    pending = set(rt.retries.cancel())
+    removed = 0
+    if pending:
+        queue = server.prompt_queue
+        # One item per call (ComfyUI's delete_queue_item); each goes through the dequeue hooks: cancelled.
+        while removed < len(pending) and queue.delete_queue_item(lambda item: len(item) > 1 and item[1] in pending):
+            removed += 1
+    if removed:
+        logger.info("Run Telemetry: interrupt: %d pending retry prompt(s) removed from the queue", removed)
+    return sorted(pending)
 
 
 def _base_url(server: Any) -> str:
@@ -127,36 +232,76 @@ def _base_url(server: Any) -> str:
     return f"{scheme}://{address}:{server.port}"
 
 
+def retry_body(rec: PromptRecord, tags: Mapping[str, Any], prompt_id: str) -> dict[str, Any]:
+    """The POST /prompt body of a retry: the same workflow, every key of extra_data, client id, outputs to execute."""
+    sub = rec.Submission or {}
+    extra = {k: v for k, v in (sub.get("extra_data") or {}).items() if k not in STAMPED_KEYS}
+    extra.update(sub.get("sensitive") or {})  # ComfyUI took these out of extra_data at acceptance
+    extra["telemetry"] = dict(tags)
+    body: dict[str, Any] = {"prompt": rec.Workflow, "prompt_id": prompt_id, "extra_data": extra}
+    client = extra.get("client_id") or rec.ClientId
+    if client:
+        body["client_id"] = client
+    outputs = sub.get("outputs_to_execute")
+    if outputs:
+        body["partial_execution_targets"] = list(outputs)
+    return body
+
+
 def retry_failed_scene(rt: Runtime, server: Any, rec: PromptRecord) -> None:
-    """Requeue a run's failed scene (not an interrupt) until it has had 1 + budget attempts."""
+    """Requeue a run's failed scene (not an interrupt) until it has had 1 + budget attempts, whatever its tags.
+
+    Attempts are counted in memory (``rt.retries``), and in the store when it can be read: a full or read-only store
+    never resets the count. A scene without a scene id is named by its first prompt's id, carried by every retry.
+    """
     if rec.Outcome != "error" or not rec.RunId or not rec.Workflow:
         return
-    policy, _ = rt.run_policy(rec.RunId)
-    scene = rec.SceneId or rec.PromptId
-    earlier = {r.PromptId for r in rt.store.by_run(rec.RunId) if (r.SceneId or r.PromptId) == scene}
-    attempts = len(earlier | {rec.PromptId})
-    if attempts >= 1 + policy.scene_retry_budget:
+    book = rt.retries
+    try:
+        policy, _ = rt.run_policy(rec.RunId)
+    except Exception as exc:  # the store cannot be read: the environment's policy
+        policy = rt.policy
+        rec.FallbackNotes.append(f"retry budget from the environment: the run's policy could not be read ({exc})")
+    scene = book.scene_of(rec.PromptId, rec.SceneId)
+    ids = book.executions(rec.RunId, scene) | {rec.PromptId}
+    try:
+        ids |= rt.store.scene_prompt_ids(rec.RunId, scene)
+    except Exception as exc:
+        logger.warning("Run Telemetry: earlier attempts of scene %s not read from the store: %s", scene, exc)
+    attempts = max(len(ids), rec.Attempt)
+    # run_policy caps a run's budget at SCENE_RETRY_BUDGET; min() keeps the ceiling if that ever changes.
+    budget = min(policy.scene_retry_budget, rt.policy.scene_retry_budget)
+    if attempts >= 1 + budget:
         rec.FallbackNotes.append(f"scene {scene} failed after {attempts} attempt(s); retry budget exhausted")
         return
+    if book.stale(rec.PromptId):
+        rec.FallbackNotes.append(
+            f"scene {scene} not retried: the queue was cleared or ComfyUI interrupted while attempt {attempts} ran"
+        )
+        return
     tags = {k: v for k, v in rec.Tags.items() if k not in PRIVATE_KEYS}
-    tags.update({"attempt": attempts + 1, "retry_of": rec.PromptId})
-    body: dict[str, Any] = {"prompt": rec.Workflow, "extra_data": {"telemetry": tags}}
-    if rec.ClientId:
-        body["client_id"] = rec.ClientId
+    tags.update({"scene_id": scene, "attempt": attempts + 1, "retry_of": rec.PromptId})
+    new_id = str(uuid.uuid4())
+    book.plan(new_id, rec.RunId, scene, attempts + 1, rec.PromptId)
     req = urllib.request.Request(
         _base_url(server) + "/prompt",
-        data=json.dumps(body).encode(),
+        data=json.dumps(retry_body(rec, tags, new_id)).encode(),
         headers={"Content-Type": "application/json"},
         method="POST",
     )
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             answer = json.loads(resp.read().decode())
-    except (urllib.error.URLError, OSError, ValueError) as exc:
+    except (urllib.error.URLError, OSError, ValueError, TypeError) as exc:
         detail = exc.read().decode(errors="replace")[:300] if isinstance(exc, urllib.error.HTTPError) else ""
         rec.FallbackNotes.append(f"retry of scene {scene} could not be queued: {exc} {detail}".strip())
         return
-    rec.RetriedBy = str(answer.get("prompt_id"))
+    queued_id = str(answer.get("prompt_id") or new_id)
+    if book.stale(queued_id):  # cleared or interrupted while the retry was being queued: take it out again
+        server.prompt_queue.delete_queue_item(lambda item: len(item) > 1 and item[1] == queued_id)
+        rec.FallbackNotes.append(f"scene {scene} not retried: the queue was cleared or ComfyUI interrupted")
+        return
+    rec.RetriedBy = queued_id
     logger.info(
         "Run Telemetry: scene %s of run %s failed; queued attempt %d as %s",
         scene,

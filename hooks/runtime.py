@@ -6,6 +6,7 @@ import logging
 import os
 import threading
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,7 @@ from ..telemetry import __version__
 from ..telemetry.paths import UnsafePrefixError, resolve_prefix
 from ..telemetry.policy import QueuePolicy, apply_overrides, policy_from_env
 from ..telemetry.recorder import Recorder
+from ..telemetry.retries import RetryBook
 from ..telemetry.store import DEFAULT_RETENTION, Store
 from ..telemetry.writer import Writer
 from .queue import QueueEvents
@@ -86,6 +88,8 @@ class Runtime:
         self.queue_events.on_accept(self.recorder.accepted)
         self.queue_events.on_dequeue(self.cancel_queued)
         self.version = __version__
+        # Attempts per scene and the budget's own retries, in memory (hooks/runs.py): the bound on retries.
+        self.retries = RetryBook()
         self.policy, self.policy_notes = policy_from_env(env)
         self.notes.extend(self.policy_notes)
         self.max_wait_seconds = float(self.policy.max_wait_seconds)
@@ -124,6 +128,13 @@ class Runtime:
         """The policy of a run: the environment's, with the run's own overrides; plus notes that affect it."""
         info = self.store.run_info(run_id) if run_id else None
         policy, notes = apply_overrides(self.policy, (info or {}).get("PolicyOverrides"))
+        ceiling = self.policy.scene_retry_budget
+        if policy.scene_retry_budget > ceiling:  # SCENE_RETRY_BUDGET bounds every run: a run may lower it only
+            notes.append(
+                f"the run's policy asks for scene_retry_budget={policy.scene_retry_budget}; "
+                f"SCENE_RETRY_BUDGET={ceiling} is the ceiling"
+            )
+            policy = replace(policy, scene_retry_budget=ceiling)
         return policy, [*self.policy_notes, *notes]
 
     def current_prompt_id(self) -> str | None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from ..telemetry.runs import run_id_problem
 from .common import ANY, CATEGORY, get_runtime
 
 
@@ -33,6 +34,9 @@ class TelemetryCapture:
                         "tooltip": "Anything (image, latent, model …). What produces it is measured; it passes through.",
                     },
                 ),
+            },
+            # Optional: API-format prompts may leave any of them out (the defaults apply).
+            "optional": {
                 "run_id": (
                     "STRING",
                     {
@@ -60,6 +64,17 @@ class TelemetryCapture:
             },
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
+
+    @classmethod
+    def VALIDATE_INPUTS(cls, run_id: Any = "", scene_id: Any = "") -> bool | str:
+        """Refuse a run or scene id a run folder cannot have (path parts), as for ``extra_data.telemetry``."""
+        for name, value in (("run_id", run_id), ("scene_id", scene_id)):
+            if value is None or (isinstance(value, str) and not value.strip()):
+                continue  # empty: not tagged; None: linked, known only at run time (not used as a tag)
+            problem = run_id_problem(value.strip() if isinstance(value, str) else value, name=name)
+            if problem:
+                return f"TelemetryCapture {problem}"
+        return True
 
     def check_lazy_status(self, value: Any = None, label: str = "span", unique_id: str = "", **_: Any) -> list[str]:
         """Called before ``value`` is evaluated: open the span, then ask ComfyUI for the input."""

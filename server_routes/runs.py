@@ -4,14 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
+import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import pydantic_core
 from aiohttp import web
 
-from ..telemetry.atomic import MarkerWriteError
+from ..telemetry.atomic import MarkerWriteError, remove_stale_temps
 from ..telemetry.llm import health_from_env
 from ..telemetry.runs import (
     METADATA_FILE,
@@ -26,9 +29,58 @@ from ..telemetry.runs import (
 from ..telemetry.summary import render_summary
 from .common import json_error
 
+logger = logging.getLogger("run_telemetry")
+
+
+def clean_finalize_temps(output_dir: Path) -> list[Path]:
+    """Remove the temp files a finalize cut off by a kill left in the run folders (their writer is gone)."""
+    removed: list[Path] = []
+    root = Path(output_dir) / "telemetry" / "runs"
+    try:
+        folders = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
+    except OSError:
+        return removed
+    for folder in folders:
+        for name in (METADATA_FILE, SUMMARY_FILE):
+            removed += remove_stale_temps(folder / name)
+    if removed:
+        logger.info("Run Telemetry: removed %d temp file(s) of cut-off finalizes: %s", len(removed), removed)
+    return removed
+
+
+class RunLocks:
+    """One lock per run id: finalizes of one run run one after the other (bounded: idle locks are dropped)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._locks: dict[str, tuple[threading.Lock, int]] = {}
+
+    def acquire(self, run_id: str) -> threading.Lock:
+        """The run's lock, held on return; give it back with :meth:`release`."""
+        with self._lock:
+            lock, users = self._locks.get(run_id) or (threading.Lock(), 0)
+            self._locks[run_id] = (lock, users + 1)
+        lock.acquire()
+        return lock
+
+    def release(self, run_id: str) -> None:
+        """Release the run's lock, forgetting it when nobody else waits."""
+        with self._lock:
+            lock, users = self._locks[run_id]
+            lock.release()
+            if users <= 1:
+                del self._locks[run_id]
+            else:
+                self._locks[run_id] = (lock, users - 1)
+
 
 def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
     """Register the run routes."""
+    locks = RunLocks()
+    try:
+        clean_finalize_temps(rt.output_dir())
+    except Exception as exc:  # best effort: a leftover temp file is hidden and harmless to readers
+        logger.warning("Run Telemetry: could not clean up after cut-off finalizes: %s", exc)
 
     def checked_run_id(request: web.Request) -> str:
         run_id = request.match_info["run_id"]
@@ -60,9 +112,13 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
     async def telemetry_runs(request: web.Request) -> web.Response:
         """Every run: scene and prompt counts, status (by each scene's last attempt), last activity."""
         rows = await asyncio.to_thread(rt.store.runs)
+        out = rt.output_dir()
         for row in rows:
             row["Status"] = run_status(row)
-            row["Finalized"] = (run_dir(rt.output_dir(), row["RunId"]) / METADATA_FILE).exists()
+            try:
+                row["Finalized"] = (run_dir(out, row["RunId"]) / METADATA_FILE).exists()
+            except ValueError:  # an id no run folder can have (stored by an older version): listed, never finalized
+                row["Finalized"] = False
         return web.json_response({"Runs": rows})
 
     @routes.get("/telemetry/runs/{run_id}")
@@ -86,6 +142,15 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
         run_id = checked_run_id(request)
 
         def finalize() -> web.Response:
+            # One finalize of a run at a time: concurrent ones write the same files one after the other and each
+            # validates what it wrote, so every one answers the same Valid.
+            locks.acquire(run_id)
+            try:
+                return finalize_locked()
+            finally:
+                locks.release(run_id)
+
+        def finalize_locked() -> web.Response:
             llm = health_from_env(os.environ)
             with gc_paused():
                 meta = assemble(run_id, llm)
@@ -101,6 +166,13 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
                 except (MarkerWriteError, OSError) as exc:
                     return json_error(507, f"could not write the run files in {folder}: {exc}", RunId=run_id)
                 scenes = len(meta["Scenes"])
+
+            def stamp() -> None:  # a finalized run's records may be pruned as a whole (see Store.prune)
+                info = dict(rt.store.run_info(run_id) or {})
+                info["FinalizedAt"] = time.time()
+                rt.store.put_run(run_id, info)
+
+            rt.writer.submit(stamp)
             return web.json_response(
                 {
                     "RunId": run_id,

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -21,6 +22,7 @@ from .records import (
     Span,
     iso,
 )
+from .runs import run_id_problem
 from .store import Store
 from .writer import Writer
 
@@ -158,9 +160,13 @@ def node_timings(
     return out
 
 
-def _copy(rec: PromptRecord, *, running: bool = False) -> PromptRecord:
+# What a listing (GET /telemetry, PromptRecord.summary) does not show: copying large tags for it made it slow.
+_LISTING_EXCLUDE = frozenset({"Workflow", "Tags", "Before", "After", "Nodes", "Outputs"})
+
+
+def _copy(rec: PromptRecord, *, running: bool = False, listing: bool = False) -> PromptRecord:
     """A reader's copy of a record another thread may be changing: one serialization (atomic under the GIL)."""
-    copy = PromptRecord.model_validate_json(rec.model_dump_json(exclude={"Workflow"}))
+    copy = PromptRecord.model_validate_json(rec.model_dump_json(exclude=_LISTING_EXCLUDE if listing else {"Workflow"}))
     if running:
         copy.Outcome = "running"
     return copy
@@ -201,7 +207,8 @@ def tags_from_graph(prompt: Mapping[str, Any] | None) -> dict[str, Any]:
         inputs = node.get("inputs") or {}
         for key in ("run_id", "scene_id"):
             val = inputs.get(key)
-            if isinstance(val, str) and val.strip() and key not in tags:
+            # Same rule as VALIDATE_INPUTS and extra_data: an id with path parts never becomes a run or scene.
+            if isinstance(val, str) and val.strip() and key not in tags and run_id_problem(val.strip()) is None:
                 tags[key] = val.strip()
         floor = inputs.get("frame_floor")
         if isinstance(floor, int) and floor > 0 and "frame_floor" not in tags:
@@ -249,6 +256,8 @@ class Recorder:
         self.current_prompt_id: str | None = None
         self._peak = peak
         self.running_row_delay = running_row_delay
+        # Record order (store, pruning, latest attempt): a counter, so a clock stepped back changes nothing.
+        self._seq = itertools.count(int(getattr(store, "last_seq", 0) or 0) + 1)
 
     # --- wiring ---
 
@@ -286,13 +295,18 @@ class Recorder:
         """
         prompt_id = str(item.prompt_id)
         extra = item.extra_data if isinstance(item.extra_data, Mapping) else {}
-        rec = PromptRecord(PromptId=prompt_id, Outcome="queued")
+        rec = PromptRecord(PromptId=prompt_id, Outcome="queued", Seq=next(self._seq))
         client = extra.get("client_id")
         rec.ClientId = client if isinstance(client, str) else None
         queued_ms = extra.get("create_time") or extra.get("run_telemetry_queued_ms")
         rec.QueuedAt = iso(queued_ms / 1000.0 if isinstance(queued_ms, int | float) else self._clock())
         self._apply_tags(rec, self._tags(item.prompt, extra))
         rec.Workflow = item.prompt if isinstance(item.prompt, dict) else dict(item.prompt or {})
+        rec.Submission = {
+            "extra_data": dict(extra),
+            "outputs_to_execute": list(item.outputs_to_execute or ()),
+            "sensitive": dict(getattr(item, "sensitive", None) or {}),
+        }
         for hook in self._accept_hooks:
             try:
                 hook(rec, item)
@@ -318,8 +332,9 @@ class Recorder:
                 self._recent.pop(prompt_id, None)
             self._final_json.pop(prompt_id, None)
         if rec is None:  # not seen accepted (the queue hook is off): tags from here, as before
-            rec = PromptRecord(PromptId=prompt_id)
+            rec = PromptRecord(PromptId=prompt_id, Seq=next(self._seq))
             rec.ClientId = extra.get("client_id")
+            rec.Submission = {"extra_data": dict(extra)}
             self._apply_tags(rec, self._tags(prompt, extra))
         rec.Outcome = "running"
         queued_ms = extra.get("create_time") or extra.get("run_telemetry_queued_ms")
@@ -516,17 +531,35 @@ class Recorder:
         return self.store.get(prompt_id)
 
     def recent(self, limit: int) -> list[PromptRecord]:
-        """Newest prompts first: running and queued, then finished."""
+        """Newest prompts first: running and queued, then finished (live ones as listing copies: no tags, no
+        snapshots, no node timings; what ``PromptRecord.summary`` shows)."""
         with self._lock:
-            live = [_copy(lv.record) for lv in self._live.values()]
-            live += [_copy(r, running=r.Outcome not in UNRUN_OUTCOMES) for r in self._finishing.values()]
-            live += [_copy(r) for r in reversed(self._queued.values())]
+            live = [_copy(lv.record, listing=True) for lv in self._live.values()]
+            live += [_copy(r, running=r.Outcome not in UNRUN_OUTCOMES, listing=True) for r in self._finishing.values()]
+            # A long queue: only the newest ``limit`` are copied.
+            live += [_copy(r, listing=True) for r in itertools.islice(reversed(self._queued.values()), limit)]
             done = list(reversed(self._recent.values()))
         out = live + done
         if len(out) < limit:
             seen = {r.PromptId for r in out}
             out += [r for r in self.store.recent(limit) if r.PromptId not in seen]
         return out[:limit]
+
+    def known(self, prompt_id: str) -> bool:
+        """Whether ``prompt_id`` was already recorded: queued, running, finished (memory or store)."""
+        with self._lock:
+            if (
+                prompt_id in self._queued
+                or prompt_id in self._live
+                or prompt_id in self._finishing
+                or prompt_id in self._recent
+            ):
+                return True
+        try:
+            return self.store.has(prompt_id)
+        except Exception:  # a store that cannot be read: memory is all there is
+            logger.debug("store lookup of %s failed", prompt_id, exc_info=True)
+            return False
 
     def final_json(self, prompt_id: str) -> bytes | None:
         """The serialized final record of a finished prompt (memory, then the store), or ``None``."""
@@ -644,7 +677,7 @@ class Recorder:
             except Exception as exc:
                 logger.exception("Run Telemetry: finishing step %s failed for prompt %s", name, rec.PromptId)
                 rec.FallbackNotes.append(f"{name} failed: {type(exc).__name__}: {exc}")
-        rec.Workflow = None  # needed only by the finishers (retry); keeps stored records small
+        rec.Workflow = rec.Submission = None  # needed only by the finishers (retry); keeps stored records small
         body = rec.model_dump_json(exclude={"Workflow"})
         self._store(rec, body)
         with self._lock:
@@ -686,7 +719,7 @@ class Recorder:
 
     def _store(self, rec: PromptRecord, body: str, *, outcome: str | None = None) -> None:
         try:
-            self.store.put_json(rec.PromptId, rec.RunId, rec.SceneId, outcome or rec.Outcome, body)
+            self.store.put_json(rec.PromptId, rec.RunId, rec.SceneId, outcome or rec.Outcome, body, seq=rec.Seq)
         except Exception as exc:
             logger.exception("Run Telemetry: could not store prompt %s", rec.PromptId)
             rec.FallbackNotes.append(f"store write failed: {type(exc).__name__}: {exc}")

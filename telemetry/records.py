@@ -114,8 +114,14 @@ class PromptRecord(_Model):
     RetryOf: str | None = Field(default=None, description="Prompt id of the failed attempt this one retries.")
     RetriedBy: str | None = Field(default=None, description="Prompt id queued to retry this failed attempt.")
     Attempt: int = 1
+    Seq: int | None = Field(
+        default=None, description="Order of acceptance (monotonic; never the wall clock): newest is highest."
+    )
     Telemetry: dict[str, Any] | None = None
     Workflow: dict[str, Any] | None = Field(default=None, description="The API prompt, kept for retries.")
+    # The rest of the submission, for a retry that keeps it whole: extra_data (every key), outputs to execute and
+    # ComfyUI's sensitive extra_data. In memory only, until the finishing steps ran: never serialized.
+    Submission: dict[str, Any] | None = Field(default=None, exclude=True)
 
     def summary(self) -> dict[str, Any]:
         """The small form sent over the websocket and listed by ``GET /telemetry``."""

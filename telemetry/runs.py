@@ -185,11 +185,15 @@ def _attempt_summary(number: int, rec: RawRecord, exit_reason: str) -> dict[str,
     error = _error_message(rec)
     if error is not None:
         summary["Error"] = error
+    if rec.get("RetryOf"):
+        summary["RetryOf"] = rec["RetryOf"]  # queued by the retry budget (not by hand)
     return summary
 
 
-def _attempt_order(rec: RawRecord) -> tuple[str, str]:
-    return (rec.get("StartedAt") or rec.get("QueuedAt") or "", rec["PromptId"])
+def _attempt_order(rec: RawRecord) -> tuple[int, int, str, str]:
+    # The recorder's sequence number (never the wall clock); records of older versions, without one, come first.
+    seq = rec.get("Seq")
+    return (0 if seq is None else 1, seq or 0, rec.get("StartedAt") or rec.get("QueuedAt") or "", rec["PromptId"])
 
 
 def _assemble_scene(scene_id: str, attempts: Sequence[RawRecord], ctx: _Context) -> dict[str, Any]:
@@ -242,7 +246,8 @@ def _assemble_scene(scene_id: str, attempts: Sequence[RawRecord], ctx: _Context)
     scene["Warnings"] = warnings
     scene["Errors"] = errors
     scene["AttemptsRun"] = len(attempts)
-    scene["Requeued"] = len(attempts) > 1
+    # Requeued only when the retry budget queued an attempt; a scene queued again by hand is one more attempt.
+    scene["Requeued"] = any(r.get("RetryOf") for r in attempts)
     scene["AttemptSummaries"] = summaries
     scene["Telemetry"] = telemetry  # the last attempt's
     return scene

@@ -7,7 +7,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -46,8 +46,11 @@ DEFAULT_RETENTION = 10_000
 class Store:
     """Prompt records keyed by prompt id. Writes must come from one thread (the writer); reads from any."""
 
-    def __init__(self, path: Path, *, retention: int = DEFAULT_RETENTION) -> None:
+    def __init__(
+        self, path: Path, *, retention: int = DEFAULT_RETENTION, clock: Callable[[], float] = time.time
+    ) -> None:
         self.path = Path(path)
+        self._clock = clock  # only for the informational updated_at / LastActivity: order is by sequence number
         self.retention = max(1, int(retention))
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
@@ -55,6 +58,12 @@ class Store:
         with self._conn() as c:
             c.execute("PRAGMA journal_mode=WAL")
             c.executescript(SCHEMA)
+            columns = {row[1] for row in c.execute("PRAGMA table_info(prompts)")}
+            if "seq" not in columns:  # a store of an older version: its rows keep their insertion order
+                c.execute("ALTER TABLE prompts ADD COLUMN seq INTEGER")
+                c.execute("UPDATE prompts SET seq = rowid")
+            c.execute("CREATE INDEX IF NOT EXISTS prompts_seq ON prompts(seq)")
+            self.last_seq = int(c.execute("SELECT COALESCE(MAX(seq), 0) FROM prompts").fetchone()[0])
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
@@ -83,15 +92,33 @@ class Store:
 
     def put(self, rec: PromptRecord) -> None:
         """Insert or replace one record."""
-        self.put_json(rec.PromptId, rec.RunId, rec.SceneId, rec.Outcome, rec.model_dump_json(exclude={"Workflow"}))
+        self.put_json(
+            rec.PromptId, rec.RunId, rec.SceneId, rec.Outcome, rec.model_dump_json(exclude={"Workflow"}), seq=rec.Seq
+        )
 
-    def put_json(self, prompt_id: str, run_id: str | None, scene_id: str | None, outcome: str, record: str) -> None:
-        """Insert or replace one record already serialized (``record`` is its JSON, without the workflow)."""
+    def put_json(
+        self,
+        prompt_id: str,
+        run_id: str | None,
+        scene_id: str | None,
+        outcome: str,
+        record: str,
+        *,
+        seq: int | None = None,
+    ) -> None:
+        """Insert or replace one record already serialized (``record`` is its JSON, without the workflow).
+
+        ``seq`` orders records (newest = highest; the recorder's monotonic sequence number, not the wall clock);
+        without one the record goes after every other.
+        """
+        if seq is None:
+            seq = self.last_seq + 1
+        self.last_seq = max(self.last_seq, seq)
         with self._conn() as c:
             c.execute(
-                "INSERT OR REPLACE INTO prompts(prompt_id, run_id, scene_id, outcome, updated_at, record)"
-                " VALUES (?,?,?,?,?,?)",
-                (prompt_id, run_id, scene_id, outcome, time.time(), record),
+                "INSERT OR REPLACE INTO prompts(prompt_id, run_id, scene_id, outcome, updated_at, record, seq)"
+                " VALUES (?,?,?,?,?,?,?)",
+                (prompt_id, run_id, scene_id, outcome, self._clock(), record, seq),
             )
         self._writes_since_prune += 1
         if self._writes_since_prune >= 100:
@@ -99,14 +126,41 @@ class Store:
             self.prune()
 
     def prune(self) -> int:
-        """Drop the oldest records beyond the retention count; return how many went."""
+        """Drop records beyond the retention count, never part of a run; return how many went.
+
+        Prompts without a run go first, oldest first (by sequence number). Then whole runs, oldest last activity
+        first, finalized ones before others; never a run with a prompt still queued or running, nor the run with the
+        newest activity. So a run is kept whole until it has been finalized (or newer runs pushed it out whole).
+        """
         with self._conn() as c:
-            cur = c.execute(
-                "DELETE FROM prompts WHERE prompt_id IN (SELECT prompt_id FROM prompts"
-                " ORDER BY updated_at DESC LIMIT -1 OFFSET ?)",
-                (self.retention,),
-            )
-            return cur.rowcount
+            excess = int(c.execute("SELECT COUNT(*) FROM prompts").fetchone()[0]) - self.retention
+            if excess <= 0:
+                return 0
+            gone = c.execute(
+                "DELETE FROM prompts WHERE prompt_id IN (SELECT prompt_id FROM prompts WHERE run_id IS NULL"
+                " ORDER BY seq LIMIT ?)",
+                (excess,),
+            ).rowcount
+            excess -= gone
+            if excess <= 0:
+                return gone
+            finalized = {
+                r[0] for r in c.execute("SELECT run_id FROM runs WHERE json_extract(info, '$.FinalizedAt') IS NOT NULL")
+            }
+            runs = c.execute(
+                "SELECT run_id, COUNT(*), MAX(seq), SUM(outcome IN ('queued','running')) FROM prompts"
+                " WHERE run_id IS NOT NULL GROUP BY run_id ORDER BY MAX(seq)"
+            ).fetchall()
+            candidates = [r for r in runs[:-1] if not r[3]]  # not the newest, none pending
+            candidates.sort(key=lambda r: (r[0] not in finalized, r[2]))
+            for run_id, count, _, _ in candidates:
+                if excess <= 0:
+                    break
+                c.execute("DELETE FROM prompts WHERE run_id=?", (run_id,))
+                c.execute("DELETE FROM runs WHERE run_id=?", (run_id,))
+                gone += count
+                excess -= count
+            return gone
 
     def mark_cut_off(self, note: str) -> list[str]:
         """Mark records left running by a process that died as ``crashed``; return their ids.
@@ -123,19 +177,19 @@ class Store:
                 ids.append(rec.PromptId)
                 c.execute(
                     "UPDATE prompts SET outcome='crashed', updated_at=?, record=? WHERE prompt_id=?",
-                    (time.time(), rec.model_dump_json(), rec.PromptId),
+                    (self._clock(), rec.model_dump_json(), rec.PromptId),
                 )
         return ids
 
     def queued_records(self) -> list[PromptRecord]:
         """Records still ``queued`` (accepted by ComfyUI's queue, never started), oldest first."""
         with self._conn() as c:
-            rows = c.execute("SELECT record FROM prompts WHERE outcome = 'queued' ORDER BY rowid").fetchall()
+            rows = c.execute("SELECT record FROM prompts WHERE outcome = 'queued' ORDER BY seq").fetchall()
         return [PromptRecord.model_validate_json(r[0]) for r in rows]
 
     def put_run(self, run_id: str, info: dict[str, Any]) -> None:
         """Insert or update a run's own information (policy, story, retries)."""
-        now = time.time()
+        now = self._clock()
         with self._conn() as c:
             c.execute(
                 "INSERT INTO runs(run_id, created_at, updated_at, info) VALUES (?,?,?,?)"
@@ -160,16 +214,30 @@ class Store:
             ).fetchone()
         return row[0].encode() if row else None
 
+    def has(self, prompt_id: str) -> bool:
+        """Whether a record of ``prompt_id`` is stored (any outcome)."""
+        with self._conn() as c:
+            return c.execute("SELECT 1 FROM prompts WHERE prompt_id=?", (prompt_id,)).fetchone() is not None
+
+    def scene_prompt_ids(self, run_id: str, scene: str) -> set[str]:
+        """Prompt ids stored for one scene of a run (``scene`` is its scene id, or the prompt id of a scene-less one)."""
+        with self._conn() as c:
+            rows = c.execute(
+                "SELECT prompt_id FROM prompts WHERE run_id=? AND (scene_id=? OR (scene_id IS NULL AND prompt_id=?))",
+                (run_id, scene, scene),
+            ).fetchall()
+        return {r[0] for r in rows}
+
     def recent(self, limit: int) -> list[PromptRecord]:
         """The most recently updated records, newest first."""
         with self._conn() as c:
-            rows = c.execute("SELECT record FROM prompts ORDER BY updated_at DESC LIMIT ?", (limit,)).fetchall()
+            rows = c.execute("SELECT record FROM prompts ORDER BY seq DESC LIMIT ?", (limit,)).fetchall()
         return [PromptRecord.model_validate_json(r[0]) for r in rows]
 
     def _run_rows(self, run_id: str) -> list[str]:
-        """The stored JSON of every record of a run, by (updated_at, rowid), oldest first."""
+        """The stored JSON of every record of a run, by (sequence number, rowid), oldest first."""
         with self._conn() as c:
-            rows = c.execute("SELECT updated_at, rowid, record FROM prompts WHERE run_id=?", (run_id,)).fetchall()
+            rows = c.execute("SELECT seq, rowid, record FROM prompts WHERE run_id=?", (run_id,)).fetchall()
         # Sorted here rather than by ORDER BY, which would copy every record through a temporary B-tree first; rowids
         # are unique, so the tuples never compare records.
         rows.sort()
@@ -201,15 +269,16 @@ class Store:
                 WITH ranked AS (
                     SELECT run_id, outcome, updated_at,
                            ROW_NUMBER() OVER (PARTITION BY run_id, COALESCE(scene_id, prompt_id)
-                                              ORDER BY updated_at DESC, rowid DESC) AS rn,
+                                              ORDER BY seq DESC, rowid DESC) AS rn,
                            COUNT(*) OVER (PARTITION BY run_id) AS prompts,
-                           MAX(updated_at) OVER (PARTITION BY run_id) AS last
+                           MAX(updated_at) OVER (PARTITION BY run_id) AS last,
+                           MAX(seq) OVER (PARTITION BY run_id) AS last_seq
                     FROM prompts WHERE run_id IS NOT NULL
                 )
                 SELECT run_id, COUNT(*), MAX(prompts), MAX(last),
                        SUM(outcome = 'success'), SUM(outcome IN ({_FAILED_SQL})),
                        SUM(outcome IN ('queued','running'))
-                FROM ranked WHERE rn = 1 GROUP BY run_id ORDER BY MAX(last) DESC
+                FROM ranked WHERE rn = 1 GROUP BY run_id ORDER BY MAX(last_seq) DESC
                 """
             ).fetchall()
         return [

@@ -582,7 +582,8 @@ class Panel {
     const last = attempts[attempts.length - 1];
     const outcome = last?.Outcome || (scene.Success ? "success" : "error");
     const attemptsRun = scene.AttemptsRun ?? (attempts.length || 1);
-    const retries = Math.max(0, attemptsRun - 1);
+    // Retries: attempts the run's retry budget queued (RetryOf); a scene queued again by hand is only an attempt.
+    const retries = attempts.filter((a) => a.RetryOf).length;
     return h(
       "div",
       { class: `rt-scene rt-o-${outcome}`, "data-rt-scene": scene.SceneId },

@@ -50,6 +50,12 @@ def test_run_scenes_retries_policy_finalize_and_files(ed: Editor, tmp_path: Path
         with_flaky(wf.with_capture(wf.frames(prefix2, count=2), run_id=run, scene_id="2"), tmp_path / "counter"),
         extra_data=tags["2"],
     )
+    # Scene 3 is queued again by hand (both attempts succeed): two attempts, but no retry and not requeued.
+    for _ in range(2):
+        ed.server.queue(
+            wf.with_capture(wf.frames(f"{run}/s3/frame", count=1), run_id=run, scene_id="3"),
+            extra_data={"telemetry": {"run_id": run, "scene_id": "3"}},
+        )
     head = ed.page.locator(f'{PANEL} [data-rt-run="{run}"] .rt-run-head')
     expect(head).to_be_visible(timeout=UI_TIMEOUT_MS)
     head.click()
@@ -63,6 +69,10 @@ def test_run_scenes_retries_policy_finalize_and_files(ed: Editor, tmp_path: Path
     expect(scene1).to_contain_text("1 attempt")
     expect(scene2).to_contain_text("2 attempts \u00b7 1 retry")
     expect(scene2.locator(".rt-badge", has_text="requeued")).to_be_visible()
+    scene3 = runcard.locator('[data-rt-scene="3"]')
+    expect(scene3).to_contain_text("2 attempts", timeout=UI_TIMEOUT_MS)
+    expect(scene3).not_to_contain_text("retry")
+    expect(scene3.locator(".rt-badge", has_text="requeued")).to_have_count(0)
     expect(runcard.locator(".rt-run-head [class*=rt-b-]")).to_have_text("complete", timeout=UI_TIMEOUT_MS)
     # The retried attempt left no .failed (its marker is "skipped"), so no toast either.
     expect(ed.page.locator(".p-toast-message", has_text=prefix2)).to_have_count(0)
@@ -87,7 +97,7 @@ def test_run_scenes_retries_policy_finalize_and_files(ed: Editor, tmp_path: Path
     served = ed.page.request.get(link.evaluate("(a) => a.href"))
     assert served.status == 200
     on_disk = served.json()
-    assert on_disk["RunId"] == run and len(on_disk["Scenes"]) == 2
+    assert on_disk["RunId"] == run and len(on_disk["Scenes"]) == 3
     summary = ed.page.request.get(runcard.locator('a[data-rt-file="run-summary.txt"]').evaluate("(a) => a.href"))
     assert summary.status == 200 and run in summary.text()
     # The UI shows the validator's verdict on the files it wrote.

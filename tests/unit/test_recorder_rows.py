@@ -50,7 +50,7 @@ def test_a_prompt_ending_before_the_delay_writes_only_its_final_row(tmp_path: Pa
     rec, store, writer, events = make(tmp_path, 3600)
     puts: list[str] = []
     original = store.put_json
-    store.put_json = lambda *a: (puts.append(a[3]), original(*a))[1]  # type: ignore[method-assign]
+    store.put_json = lambda *a, **kw: (puts.append(a[3]), original(*a, **kw))[1]  # type: ignore[method-assign]
     rec.started("quick", {}, {})
     rec.node_called("quick", "1", None, 0.001)
     rec.ended("quick", SUCCESS, {"outputs": {}})
