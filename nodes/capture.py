@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import ANY, CATEGORY, get_runtime
+from .common import ANY, CATEGORY, first, get_runtime, items
 
 
 class TelemetryCapture:
@@ -20,6 +20,9 @@ class TelemetryCapture:
     RETURN_NAMES = ("value",)
     OUTPUT_TOOLTIPS = ("The input, unchanged.",)
     SEARCH_ALIASES = ["telemetry", "vram", "run", "scene"]
+    # ``value`` may be a ComfyUI list (a list of batches): one span around all of it, passed through as the list.
+    INPUT_IS_LIST = True
+    OUTPUT_IS_LIST = (True,)
 
     @classmethod
     def INPUT_TYPES(cls) -> dict[str, Any]:
@@ -61,16 +64,16 @@ class TelemetryCapture:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
-    def check_lazy_status(self, value: Any = None, label: str = "span", unique_id: str = "", **_: Any) -> list[str]:
+    def check_lazy_status(self, value: Any = None, label: Any = "span", unique_id: Any = "", **_: Any) -> list[str]:
         """Called before ``value`` is evaluated: open the span, then ask ComfyUI for the input."""
         rt = get_runtime()
         if rt is not None:
-            rt.span_start(str(unique_id), label)
-        return ["value"] if value is None else []
+            rt.span_start(str(first(unique_id) or ""), str(first(label) or "span"))
+        return ["value"] if all(v is None for v in items(value)) else []
 
-    def capture(self, value: Any, label: str = "span", unique_id: str = "", **_: Any) -> tuple[Any]:
-        """Close the span and pass the value through."""
+    def capture(self, value: Any, label: Any = "span", unique_id: Any = "", **_: Any) -> tuple[list[Any]]:
+        """Close the span and pass the value (every item of a list) through."""
         rt = get_runtime()
         if rt is not None:
-            rt.span_end(str(unique_id), label)
-        return (value,)
+            rt.span_end(str(first(unique_id) or ""), str(first(label) or "span"))
+        return (items(value),)
