@@ -140,8 +140,10 @@ def install_finishers(rt: Runtime) -> None:
                 f"WriteDoneMarker {node_id} got a list of prefixes; its marker is at {prefix!r}, none at {other!r}"
             )
 
+    rec_.add_accept_hook(declare_at_accept)
     rec_.add_start_hook(clear_stale_markers)
     rt.declare_hooks.append(declared)
+    rec_.add_gate("marker order", lambda rec: marker_order(rt, rec))
     rec_.add_gate("output settle", lambda rec: settle_outputs(rt, rec))
     # Markers first: the contract block reads their state (DoneMarker*, postExecution).
     rec_.add_finisher("done marker", lambda rec: write_markers(rt, rec))

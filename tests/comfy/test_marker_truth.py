@@ -285,3 +285,58 @@ def test_interrupt_names_the_node_that_was_executing(comfy: ComfyServer, tmp_pat
     failed = read(comfy, prefix, "failed")
     assert (failed["Outcome"], failed["Node"], failed["NodeType"]) == ("interrupted", "10", "RTTestBusy")
     assert rec["Error"]["NodeId"] == "10"
+
+
+# --- M3: ordering and stale markers ---
+
+
+def test_stale_marker_is_cleared_when_the_next_prompt_is_accepted(comfy: ComfyServer, tmp_path: Path) -> None:
+    """Prefix P rendered by A; while the queue is busy, P is queued again (B): A's .done is gone at once."""
+    prefix = f"{uniq('rerender')}/frame"
+    a = comfy.queue(wf.frames(prefix, count=1))
+    wait_record(comfy, a)
+    assert read(comfy, prefix, "done")["PromptId"] == a
+    started = tmp_path / "blocker-started"
+    blocker = comfy.queue(wf.with_sleep(wf.frames(uniq("blocker"), count=1), 1.5, started_file=str(started)))
+    wait_until(started.exists, 60, what="the blocking prompt to start", interval=0.02)
+    b = comfy.queue(wf.frames(prefix, count=1))
+    # B is accepted and still queued behind the blocker: nothing at P may pass for B's result.
+    assert comfy.get(f"/telemetry/prompts/{b}")["Outcome"] == "queued"
+    assert not (comfy.output_dir / f"{prefix}.done").exists()
+    wait_record(comfy, blocker)
+    wait_record(comfy, b)
+    assert read(comfy, prefix, "done")["PromptId"] == b
+
+
+def test_earlier_prompt_marker_never_shows_while_the_next_one_runs(comfy: ComfyServer, tmp_path: Path) -> None:
+    """A and B queued back to back at the same prefix: while B runs, no marker of A is left at P."""
+    prefix = f"{uniq('back-to-back')}/frame"
+    started = tmp_path / "b-started"
+    a = comfy.queue(wf.with_sleep(wf.frames(prefix, count=1), 0.3))  # B is accepted while A still runs
+    b = comfy.queue(wf.with_sleep(wf.frames(prefix, count=1), 1.0, started_file=str(started)))
+    wait_until(started.exists, 60, what="prompt B to start", interval=0.01)
+    rec_a = wait_record(comfy, a)
+    assert rec_a["Markers"][0]["State"] == "written"  # A's marker was written (before B's clear)
+    seen = []
+    deadline = time.monotonic() + 0.8  # B sleeps 1.0 s after it started
+    while time.monotonic() < deadline:
+        path = comfy.output_dir / f"{prefix}.done"
+        if path.exists():
+            try:
+                seen.append(json.loads(path.read_text())["PromptId"])
+            except (OSError, ValueError):
+                pass
+        time.sleep(0.02)
+    assert a not in seen, "A's .done was visible while B was running"
+    wait_record(comfy, b)
+    assert read(comfy, prefix, "done")["PromptId"] == b
+
+
+def test_a_late_marker_of_an_earlier_prompt_never_overwrites_the_next_one(comfy: ComfyServer) -> None:
+    """A's files settle for a while; B (same prefix) ends meanwhile: B's marker is written after A's, and stays."""
+    prefix = f"{uniq('late-order')}/frame"
+    a = comfy.queue(late_prompt(prefix, 0.3))
+    b = comfy.queue(wf.frames(prefix, count=1))
+    rec_a, rec_b = wait_record(comfy, a), wait_record(comfy, b)
+    assert rec_a["Markers"][0]["State"] == rec_b["Markers"][0]["State"] == "written"
+    assert read(comfy, prefix, "done")["PromptId"] == b
