@@ -130,6 +130,11 @@ def wrap_node_execute(execution: Any, recorder: Recorder, plans: Plans | None = 
         if plans is not None:
             plans.current_node = str(get_node(args, kwargs))
 
+    def done(args: tuple, kwargs: dict, seconds: float) -> None:
+        record(args, kwargs, seconds)
+        if plans is not None:  # between nodes nothing executes: an interrupt then hits the next node to start
+            plans.current_node = None
+
     if inspect.iscoroutinefunction(original):
 
         @functools.wraps(original)
@@ -139,7 +144,7 @@ def wrap_node_execute(execution: Any, recorder: Recorder, plans: Plans | None = 
             try:
                 return await original(*args, **kwargs)
             finally:
-                record(args, kwargs, perf() - t0)
+                done(args, kwargs, perf() - t0)
 
     else:
 
@@ -150,7 +155,7 @@ def wrap_node_execute(execution: Any, recorder: Recorder, plans: Plans | None = 
             try:
                 return original(*args, **kwargs)
             finally:
-                record(args, kwargs, perf() - t0)
+                done(args, kwargs, perf() - t0)
 
     setattr(execute, WRAPPED, True)
     execution.execute = execute

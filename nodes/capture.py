@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import ANY, CATEGORY, first, get_runtime, items
+from .common import ANY, CATEGORY, first, get_runtime, id_problem, items
 
 
 class TelemetryCapture:
@@ -71,9 +71,33 @@ class TelemetryCapture:
             rt.span_start(str(first(unique_id) or ""), str(first(label) or "span"))
         return ["value"] if all(v is None for v in items(value)) else []
 
-    def capture(self, value: Any, label: Any = "span", unique_id: Any = "", **_: Any) -> tuple[list[Any]]:
-        """Close the span and pass the value (every item of a list) through."""
+    def capture(
+        self,
+        value: Any,
+        label: Any = "span",
+        unique_id: Any = "",
+        run_id: Any = "",
+        scene_id: Any = "",
+        frame_floor: Any = 0,
+        **_: Any,
+    ) -> tuple[list[Any]]:
+        """Close the span, apply tags that arrived by link, and pass the value (every item of a list) through.
+
+        Raises ValueError naming the input for a run or scene id that is not usable (checked here because a linked
+        value is unknown when ComfyUI validates the prompt).
+        """
+        node_id = str(first(unique_id) or "")
+        tags = {"run_id": first(run_id), "scene_id": first(scene_id), "frame_floor": first(frame_floor)}
+        for key in ("run_id", "scene_id"):
+            if tags[key] not in (None, ""):
+                problem = id_problem(tags[key], key)
+                if problem is not None:
+                    raise ValueError(f"TelemetryCapture {node_id}: {problem}")
+        floor = tags["frame_floor"]
+        if floor is not None and (isinstance(floor, bool) or not isinstance(floor, int) or floor < 0):
+            raise ValueError(f"TelemetryCapture {node_id}: frame_floor must be a whole number >= 0, got {floor!r}")
         rt = get_runtime()
         if rt is not None:
-            rt.span_end(str(first(unique_id) or ""), str(first(label) or "span"))
+            rt.span_end(node_id, str(first(label) or "span"))
+            rt.recorder.tag_running(tags, prompt_id=rt.current_prompt_id())
         return (items(value),)

@@ -64,3 +64,12 @@ def expand_prefix(prefix: str, *, width: int = 0, height: int = 0) -> str:
     except Exception:
         return prefix
     return runtime.expand_prefix(prefix, width=width, height=height)
+
+
+def id_problem(value: Any, name: str) -> str | None:
+    """Why a run or scene id is not usable (``telemetry.runs.run_id_problem``), or ``None``."""
+    try:
+        from ..telemetry.runs import run_id_problem
+    except Exception:
+        return None
+    return run_id_problem(value, name=name)

@@ -509,6 +509,16 @@ class Recorder:
             self.version += 1
         self.writer.submit(lambda: self._finalize(rec))
 
+    def tag_running(self, tags: Mapping[str, Any], prompt_id: str | None = None) -> None:
+        """Tags a node computed while the prompt runs (inputs by link): each applies where none was set before."""
+        live = self._get_live(prompt_id)
+        if live is None:
+            return
+        fresh = {k: v for k, v in tags.items() if v not in (None, "", 0) and k not in live.record.Tags}
+        if fresh:
+            self._apply_tags(live.record, fresh)
+            self._bump()
+
     def live_record(self, prompt_id: str | None) -> PromptRecord | None:
         """The record of a running prompt (``None``: the current one), for the node adapters to amend; or ``None``."""
         live = self._get_live(prompt_id)

@@ -97,6 +97,21 @@ def test_prefix_by_link_is_checked_when_the_node_runs(comfy: ComfyServer) -> Non
     assert "filename_prefix" in rec["Error"]["Message"] and "is empty" in rec["Error"]["Message"]
 
 
+def test_capture_tags_by_link_are_applied_and_checked_at_run_time(comfy: ComfyServer) -> None:
+    run_id = uniq("linked-run")
+    p = wf.with_capture(wf.frames(uniq("tagged"), count=1))
+    p["20"] = {"class_type": "PrimitiveString", "inputs": {"value": run_id}}
+    p["21"] = {"class_type": "RTTestText", "inputs": {"text": "scene-by-link"}}
+    p["12"]["inputs"]["run_id"] = ["20", 0]
+    p["12"]["inputs"]["scene_id"] = ["21", 0]
+    rec = wait_record(comfy, comfy.queue(p))
+    assert (rec["Outcome"], rec["RunId"], rec["SceneId"]) == ("success", run_id, "scene-by-link")
+    p["21"]["inputs"]["text"] = "../outside"
+    rec = wait_record(comfy, comfy.queue(p))
+    assert rec["Outcome"] == "error" and rec["Error"]["NodeId"] == "12"
+    assert "scene_id" in rec["Error"]["Message"]
+
+
 # --- M2: whole-workflow truth ---
 
 
