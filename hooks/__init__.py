@@ -41,10 +41,14 @@ def install() -> runtime.Runtime | None:
             send=lambda event, data: _send(server, event, data),
             peak=build_peak_meter(),
         )
+        rt.folder_roots = runtime.folder_roots
+        rt.plans = _make_plans(rt)
         runtime.set_runtime(rt)
         for name, fn in (
             ("prompt executor", lambda: _wrap_executor(execution, rt)),
             ("node timings", lambda: _wrap_nodes(execution, rt)),
+            ("prompt validation", lambda: _wrap_validation(execution, rt)),
+            ("interrupt attribution", lambda: _wrap_interrupt(rt)),
             ("submission handler", lambda: server.add_on_prompt_handler(on_prompt)),
             ("queue events", lambda: rt.queue_events.wrap(server.prompt_queue)),
             ("routes", lambda: _add_routes(server, rt)),
@@ -62,16 +66,40 @@ def install() -> runtime.Runtime | None:
         return rt
 
 
+def _make_plans(rt: runtime.Runtime) -> Any:
+    import nodes  # ComfyUI's module: the node class mapping
+
+    from .plan import Plans
+
+    return Plans(classes=lambda: nodes.NODE_CLASS_MAPPINGS, output_dir=rt.output_dir)
+
+
 def _wrap_executor(execution: Any, rt: runtime.Runtime) -> None:
     from .executor import wrap_prompt_executor
 
-    wrap_prompt_executor(execution, rt.recorder)
+    wrap_prompt_executor(execution, rt.recorder, rt.plans)
 
 
 def _wrap_nodes(execution: Any, rt: runtime.Runtime) -> None:
     from .executor import wrap_node_execute
 
-    wrap_node_execute(execution, rt.recorder)
+    wrap_node_execute(execution, rt.recorder, rt.plans)
+
+
+def _wrap_validation(execution: Any, rt: runtime.Runtime) -> None:
+    from .plan import wrap_validate_prompt
+
+    wrap_validate_prompt(execution, rt.plans)
+    plans = rt.plans
+    rt.queue_events.on_accept(lambda item: plans.accepted(item.prompt_id, item.prompt))
+
+
+def _wrap_interrupt(rt: runtime.Runtime) -> None:
+    import comfy.model_management as mm  # ComfyUI's module
+
+    from .plan import wrap_interrupt
+
+    wrap_interrupt(mm, rt.plans)
 
 
 def _add_routes(server: Any, rt: runtime.Runtime) -> None:

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from typing import Any
 
 from ..telemetry.recorder import Recorder
+from .plan import Plans
 
 logger = logging.getLogger("run_telemetry")
 
@@ -37,8 +38,12 @@ def _arg_getter(fn: Callable[..., Any], name: str, *, skip_self: bool = False) -
     return get
 
 
-def wrap_prompt_executor(execution: Any, recorder: Recorder) -> str:
-    """Wrap ``execution.PromptExecutor.execute`` to record each prompt's start and end. Returns a status word."""
+def wrap_prompt_executor(execution: Any, recorder: Recorder, plans: Plans | None = None) -> str:
+    """Wrap ``execution.PromptExecutor.execute`` to record each prompt's start and end. Returns a status word.
+
+    With ``plans``: the validated ``execute_outputs`` are compared with the workflow's output nodes at the start,
+    and the UI outputs of cached output nodes are added to what the recorder gets at the end.
+    """
     cls = getattr(execution, "PromptExecutor", None)
     original = getattr(cls, "execute", None)
     if original is None:
@@ -48,13 +53,20 @@ def wrap_prompt_executor(execution: Any, recorder: Recorder) -> str:
     get_prompt = _arg_getter(original, "prompt", skip_self=True)
     get_prompt_id = _arg_getter(original, "prompt_id", skip_self=True)
     get_extra = _arg_getter(original, "extra_data", skip_self=True)
+    get_outputs = _arg_getter(original, "execute_outputs", skip_self=True)
 
     @functools.wraps(original)
     def execute(self: Any, *args: Any, **kwargs: Any) -> Any:
         prompt_id = None
         try:
             prompt_id = str(get_prompt_id(args, kwargs))
-            recorder.started(prompt_id, get_prompt(args, kwargs), get_extra(args, kwargs))
+            prompt = get_prompt(args, kwargs)
+            if plans is not None:
+                try:
+                    plans.started(prompt_id, prompt or {}, get_outputs(args, kwargs))
+                except Exception:
+                    logger.exception("Run Telemetry: reading the output nodes of prompt %s failed", prompt_id)
+            recorder.started(prompt_id, prompt, get_extra(args, kwargs))
         except Exception:
             logger.exception("Run Telemetry: recording the start of a prompt failed")
         error: BaseException | None = None
@@ -66,10 +78,16 @@ def wrap_prompt_executor(execution: Any, recorder: Recorder) -> str:
         finally:
             if prompt_id is not None:
                 try:
+                    history = getattr(self, "history_result", None)
+                    if plans is not None:
+                        try:
+                            history = plans.ended(self, prompt_id, history)
+                        except Exception:
+                            logger.exception("Run Telemetry: reading the outputs of prompt %s failed", prompt_id)
                     recorder.ended(
                         prompt_id,
                         getattr(self, "status_messages", None),  # the recorder keeps its own copy
-                        getattr(self, "history_result", None),
+                        history,
                         exception=error,
                     )
                 except Exception:
@@ -80,8 +98,11 @@ def wrap_prompt_executor(execution: Any, recorder: Recorder) -> str:
     return "installed"
 
 
-def wrap_node_execute(execution: Any, recorder: Recorder) -> str:
-    """Wrap the module-level ``execution.execute`` (one call per node run) to time nodes."""
+def wrap_node_execute(execution: Any, recorder: Recorder, plans: Plans | None = None) -> str:
+    """Wrap the module-level ``execution.execute`` (one call per node run) to time nodes.
+
+    With ``plans``: the node about to execute is noted, so an interrupt is attributed to the node that was running.
+    """
     original = getattr(execution, "execute", None)
     if original is None:
         raise LookupError("execution.execute not found")
@@ -105,25 +126,36 @@ def wrap_node_execute(execution: Any, recorder: Recorder) -> str:
         except Exception:
             logger.debug("Run Telemetry: node timing skipped", exc_info=True)
 
+    def note(args: tuple, kwargs: dict) -> None:
+        if plans is not None:
+            plans.current_node = str(get_node(args, kwargs))
+
+    def done(args: tuple, kwargs: dict, seconds: float) -> None:
+        record(args, kwargs, seconds)
+        if plans is not None:  # between nodes nothing executes: an interrupt then hits the next node to start
+            plans.current_node = None
+
     if inspect.iscoroutinefunction(original):
 
         @functools.wraps(original)
         async def execute(*args: Any, **kwargs: Any) -> Any:
+            note(args, kwargs)
             t0 = perf()
             try:
                 return await original(*args, **kwargs)
             finally:
-                record(args, kwargs, perf() - t0)
+                done(args, kwargs, perf() - t0)
 
     else:
 
         @functools.wraps(original)
         def execute(*args: Any, **kwargs: Any) -> Any:
+            note(args, kwargs)
             t0 = perf()
             try:
                 return original(*args, **kwargs)
             finally:
-                record(args, kwargs, perf() - t0)
+                done(args, kwargs, perf() - t0)
 
     setattr(execute, WRAPPED, True)
     execution.execute = execute

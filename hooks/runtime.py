@@ -13,6 +13,7 @@ from typing import Any
 from ..telemetry import __version__
 from ..telemetry.paths import UnsafePrefixError, resolve_prefix
 from ..telemetry.policy import QueuePolicy, apply_overrides, policy_from_env
+from ..telemetry.prefix_order import PrefixOrder
 from ..telemetry.recorder import Recorder
 from ..telemetry.retries import RetryBook
 from ..telemetry.store import DEFAULT_RETENTION, Store
@@ -79,6 +80,12 @@ class Runtime:
             )
         self.writer = Writer()
         self.output_dir = output_dir
+        # ComfyUI's folders by UI output type (output, temp, input); set by hooks.install inside ComfyUI.
+        self.folder_roots: Callable[[], dict[str, Path]] | None = None
+        # What each prompt asked for and what ComfyUI ran (hooks/plan.py); set by hooks.install inside ComfyUI.
+        self.plans: Any = None
+        # Stale-marker clears and marker writes of prompts sharing a prefix, in acceptance order (hooks/finish.py).
+        self.prefix_order = PrefixOrder()
         self.snapshot = snapshot
         self.pending = pending
         self.send = send
@@ -93,6 +100,8 @@ class Runtime:
         self.policy, self.policy_notes = policy_from_env(env)
         self.notes.extend(self.policy_notes)
         self.max_wait_seconds = float(self.policy.max_wait_seconds)
+        # fn(prompt_id, node_id, resolved prefix, other prefixes of a list) when a WriteDoneMarker runs.
+        self.declare_hooks: list[Callable[[str | None, str, str, list[str]], None]] = []
         self._waits: dict[str, int] = {}
         self._waits_lock = threading.Lock()
 
@@ -157,9 +166,17 @@ class Runtime:
         """TelemetryCapture: close a span."""
         self.recorder.span_end(node_id, label, prompt_id=self.current_prompt_id())
 
-    def declare_marker(self, node_id: str, prefix: str, frames: int | None, sha256: bool) -> None:
-        """WriteDoneMarker: register the marker, written once the prompt ends."""
-        self.recorder.declare_marker(node_id, prefix, frames, sha256, prompt_id=self.current_prompt_id())
+    def declare_marker(
+        self, node_id: str, prefix: str, frames: int | None, sha256: bool, *, others: list[str] | None = None
+    ) -> None:
+        """WriteDoneMarker ran: register its resolved prefix, written once the prompt ends."""
+        prompt_id = self.current_prompt_id()
+        self.recorder.declare_marker(node_id, prefix, frames, sha256, prompt_id=prompt_id)
+        for fn in self.declare_hooks:
+            try:
+                fn(prompt_id, node_id, prefix, others or [])
+            except Exception:
+                logger.exception("Run Telemetry: marker declaration hook failed for node %s", node_id)
 
 
 _RUNTIME: Runtime | None = None
@@ -183,6 +200,35 @@ def output_directory() -> Path:
     import folder_paths  # ComfyUI's module; only imported inside ComfyUI
 
     return Path(os.path.abspath(folder_paths.get_output_directory()))
+
+
+def folder_roots() -> dict[str, Path]:
+    """ComfyUI's folders by UI output ``type``: ``output``, ``temp``, ``input`` (absolute)."""
+    import folder_paths  # ComfyUI's module; only imported inside ComfyUI
+
+    return {
+        "output": output_directory(),
+        "temp": Path(os.path.abspath(folder_paths.get_temp_directory())),
+        "input": Path(os.path.abspath(folder_paths.get_input_directory())),
+    }
+
+
+def expand_prefix(prefix: str, *, width: int = 0, height: int = 0) -> str:
+    """``prefix`` with the tokens SaveImage expands (``%year%`` … ``%width%``), by ComfyUI's own helper.
+
+    ``folder_paths.get_save_image_path`` is the function SaveImage calls; its fifth result is the expanded prefix
+    (it also creates the folder, as SaveImage would). A prefix it refuses is returned unexpanded, for
+    :func:`prefix_problem` to explain.
+    """
+    if "%" not in prefix:
+        return prefix
+    import folder_paths  # ComfyUI's module; only imported inside ComfyUI
+
+    try:
+        return str(folder_paths.get_save_image_path(prefix, str(output_directory()), width, height)[4])
+    except Exception as exc:  # "outside the output folder" and friends: the caller's check names the problem
+        logger.debug("prefix %r not expanded: %s", prefix, exc)
+        return prefix
 
 
 def prefix_problem(prefix: str) -> str | None:

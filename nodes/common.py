@@ -40,3 +40,36 @@ def prefix_problem(prefix: str) -> str | None:
     except Exception:
         return None
     return runtime.prefix_problem(prefix)
+
+
+def items(value: Any) -> list[Any]:
+    """The items of an input that may arrive as a ComfyUI list (``INPUT_IS_LIST``) or as one value."""
+    if isinstance(value, list | tuple):
+        return list(value)
+    return [value]
+
+
+def first(value: Any) -> Any:
+    """The first item of an input that may arrive as a ComfyUI list, or ``None``."""
+    found = items(value)
+    return found[0] if found else None
+
+
+def expand_prefix(prefix: str, *, width: int = 0, height: int = 0) -> str:
+    """``prefix`` with ComfyUI's save-path tokens expanded as SaveImage does; unchanged outside ComfyUI."""
+    if "%" not in prefix:
+        return prefix
+    try:
+        from ..hooks import runtime
+    except Exception:
+        return prefix
+    return runtime.expand_prefix(prefix, width=width, height=height)
+
+
+def id_problem(value: Any, name: str) -> str | None:
+    """Why a run or scene id is not usable (``telemetry.runs.run_id_problem``), or ``None``."""
+    try:
+        from ..telemetry.runs import run_id_problem
+    except Exception:
+        return None
+    return run_id_problem(value, name=name)

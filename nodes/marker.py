@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .common import ANY, CATEGORY, get_runtime, prefix_problem
+from .common import ANY, CATEGORY, expand_prefix, first, get_runtime, items, prefix_problem
 
 
 class WriteDoneMarker:
@@ -48,29 +48,64 @@ class WriteDoneMarker:
             "hidden": {"unique_id": "UNIQUE_ID"},
         }
 
+    # Every input may arrive as a ComfyUI list (a list of batches, a list of prefixes): the node sees all items
+    # in one call, so FrameCount is the sum over the items, and the trigger passes through as the same list.
+    INPUT_IS_LIST = True
+    OUTPUT_IS_LIST = (True,)
+
     @classmethod
     def IS_CHANGED(cls, **_: Any) -> float:
         """Never cached: NaN never equals itself, so a re-queued workflow writes a new marker."""
         return float("nan")
 
     @classmethod
-    def VALIDATE_INPUTS(cls, filename_prefix: str = "ComfyUI") -> bool | str:
-        """Refuse a prefix that would leave the output folder before the prompt is queued."""
-        problem = prefix_problem(filename_prefix)
-        return True if problem is None else problem
+    def VALIDATE_INPUTS(cls, filename_prefix: Any = None) -> bool | str:
+        """Refuse a literal prefix that would leave the output folder before the prompt is queued.
+
+        A prefix that arrives by link is ``None`` here (ComfyUI validates before anything runs): it is checked when
+        the node runs, and statically, where the link's source is a literal (see ``hooks/plan.py``).
+        """
+        for text in items(filename_prefix):
+            if not isinstance(text, str):
+                continue  # by link (None here): checked when the node runs
+            problem = prefix_problem(text)
+            if problem is not None:
+                return problem
+        return True
 
     def declare(
         self,
-        filename_prefix: str,
+        filename_prefix: Any,
         images: Any = None,
         trigger: Any = None,
-        sha256: bool = False,
-        unique_id: str = "",
+        sha256: Any = False,
+        unique_id: Any = "",
     ) -> dict[str, Any]:
-        """Register the marker for the end of the prompt; nothing is written yet."""
-        frames = int(images.shape[0]) if images is not None and hasattr(images, "shape") else None
+        """Register the marker for the end of the prompt; nothing is written yet.
+
+        Raises ValueError (the prompt then fails, and a ``.failed`` is written where the prefix is known) for a
+        prefix that is not text or would leave the output folder.
+        """
+        node_id = str(first(unique_id) or "")
+        prefixes = [p for p in items(filename_prefix) if p is not None]
+        if not prefixes or not all(isinstance(p, str) for p in prefixes):
+            kinds = sorted({type(p).__name__ for p in prefixes}) or ["nothing"]
+            raise ValueError(
+                f"WriteDoneMarker {node_id}: filename_prefix must be text, got {', '.join(kinds)}; "
+                "link a STRING (for example a PrimitiveString) or type the prefix"
+            )
+        batches = [b for b in items(images) if b is not None]
+        frames = sum(int(b.shape[0]) for b in batches if hasattr(b, "shape")) if batches else None
+        size = tuple(batches[0].shape[1:3]) if batches and hasattr(batches[0], "shape") else (0, 0)
+        # SaveImage's own expansion (%year%, %width% ...): the marker lands beside the frames of the same text.
+        prefix = expand_prefix(prefixes[0], width=int(size[1]) if size else 0, height=int(size[0]) if size else 0)
+        problem = prefix_problem(prefix)
+        if problem is not None:
+            raise ValueError(f"WriteDoneMarker {node_id}: {problem}")
+        others = sorted({p for p in prefixes[1:] if p != prefixes[0]})
         rt = get_runtime()
         if rt is not None:
-            rt.declare_marker(str(unique_id), filename_prefix, frames, bool(sha256))
-        ui = {"run_telemetry_marker": [{"prefix": filename_prefix, "state": "pending", "frames": frames}]}
-        return {"ui": ui, "result": (trigger,)}
+            rt.declare_marker(node_id, prefix, frames, any(bool(v) for v in items(sha256)), others=others)
+        ui = {"run_telemetry_marker": [{"prefix": prefix, "state": "pending", "frames": frames}]}
+        passed = list(trigger) if isinstance(trigger, list) else [trigger]
+        return {"ui": ui, "result": (passed,)}

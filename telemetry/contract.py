@@ -53,6 +53,8 @@ def system_block(rec: PromptRecord, parsed: Snapshots | None = None) -> dict[str
 def exit_reason(rec: PromptRecord, policy: QueuePolicy) -> str:
     """``HistoryExitReason`` derived in-process: how waiting for this attempt's completion ended."""
     if rec.Outcome == "success":
+        if any(m.Outcome == "outputsIncomplete" for m in rec.Markers):
+            return "postExecution"  # the outputs were still incomplete when the post-execution timeout ran out
         waited = [m.WaitSeconds for m in rec.Markers if m.WaitSeconds is not None]
         if waited and max(waited) > policy.post_execution_timeout_seconds:
             return "postExecution"

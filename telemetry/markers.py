@@ -88,18 +88,33 @@ class DoneMarker(_MarkerBase):
     telemetry: MarkerTelemetry | None = Field(None, alias="Telemetry")
 
 
-class FailedMarker(_MarkerBase):
-    """Written when a prompt ended with an error, was interrupted, or will never run.
+class DroppedNode(_Record):
+    """An output node of the submitted workflow that ComfyUI did not run, and ComfyUI's reason."""
 
-    ``Outcome``: ``error``, ``interrupted``, ``cancelled`` (removed from ComfyUI's queue before it ran) or ``lost``
-    (still queued when ComfyUI stopped; written at the next start).
+    node_id: str = Field(alias="NodeId")
+    class_type: str = Field("", alias="ClassType")
+    reason: str = Field("", alias="Reason")
+
+
+FailedOutcome = Literal["error", "interrupted", "cancelled", "lost", "validation", "outputsIncomplete"]
+
+
+class FailedMarker(_MarkerBase):
+    """Written when a prompt did not produce what was asked for, or will never run.
+
+    ``Outcome``: ``error`` (a node raised), ``interrupted``, ``cancelled`` (removed from ComfyUI's queue before it
+    ran), ``lost`` (still queued when ComfyUI stopped; written at the next start), ``validation`` (ComfyUI dropped
+    output nodes of the submitted workflow: ``Dropped``), ``outputsIncomplete`` (files still missing or growing when
+    the policy's post-execution timeout ran out: ``Incomplete``).
     """
 
     kind: Literal["failed"] = Field("failed", alias="Kind")
-    outcome: Literal["error", "interrupted", "cancelled", "lost"] = Field("error", alias="Outcome")
+    outcome: FailedOutcome = Field("error", alias="Outcome")
     node: str | None = Field(None, alias="Node")
     node_type: str | None = Field(None, alias="NodeType")
     message: str = Field("", alias="Message")
+    dropped: list[DroppedNode] = Field(default_factory=list, alias="Dropped")
+    incomplete: list[OutputFile] = Field(default_factory=list, alias="Incomplete")
     telemetry: MarkerTelemetry | None = Field(None, alias="Telemetry")
 
 

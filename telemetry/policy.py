@@ -17,7 +17,10 @@ KNOBS: dict[str, tuple[str, int, str]] = {
     "poll_interval_seconds": ("SCENE_HISTORY_POLL_INTERVAL_SECONDS", 2, "poll_interval_seconds"),
     "post_execution_timeout_seconds": ("SCENE_POST_EXECUTION_TIMEOUT_SECONDS", 30, "post_execution_timeout_seconds"),
     "scene_retry_budget": ("SCENE_RETRY_BUDGET", 1, "scene_retry_budget"),
+    "output_settle_seconds": ("RUN_TELEMETRY_OUTPUT_SETTLE_SECONDS", 1, "output_settle_seconds"),
 }
+# Knobs that take fractions of a second; the others are whole numbers.
+FRACTIONAL: frozenset[str] = frozenset({"output_settle_seconds"})
 
 
 @dataclass(frozen=True)
@@ -29,6 +32,9 @@ class QueuePolicy:
     poll_interval_seconds: int = 2
     post_execution_timeout_seconds: int = 30
     scene_retry_budget: int = 1
+    # A listed file that may still be written after its node returned is complete once its size and mtime stay
+    # unchanged this long (bounded by post_execution_timeout_seconds).
+    output_settle_seconds: float = 1.0
 
     def queue_config(self) -> dict[str, int]:
         """The contract's ``QueueConfig`` object."""
@@ -40,12 +46,12 @@ class QueuePolicy:
             "PostExecutionTimeoutSeconds": self.post_execution_timeout_seconds,
         }
 
-    def as_dict(self) -> dict[str, int]:
+    def as_dict(self) -> dict[str, float]:
         """Plain form for JSON."""
         return asdict(self)
 
 
-def _parse(name: str, raw: Any) -> int:
+def _parse(name: str, raw: Any) -> float:
     if isinstance(raw, bool):
         raise ValueError("not a number")
     if isinstance(raw, int | float):
@@ -59,6 +65,8 @@ def _parse(name: str, raw: Any) -> int:
         raise ValueError("not a finite number")
     if val < 0:
         raise ValueError("negative")
+    if name in FRACTIONAL:
+        return val
     if val != int(val):
         raise ValueError("not a whole number")
     return int(val)
@@ -66,14 +74,14 @@ def _parse(name: str, raw: Any) -> int:
 
 def policy_from_env(env: Mapping[str, str]) -> tuple[QueuePolicy, list[str]]:
     """The policy from environment variables, and one note per invalid value (whose default is used)."""
-    values: dict[str, int] = {}
+    values: dict[str, float] = {}
     notes: list[str] = []
     for knob, (var, default, _) in KNOBS.items():
         raw = env.get(var)
         if raw is None:
             continue
         try:
-            values[knob] = _parse(var, raw)
+            values[knob] = _parse(knob, raw)
         except ValueError as exc:
             note = f"invalid {var}={raw!r} ({exc}); using the default {default}"
             logger.error("Run Telemetry: %s", note)
@@ -85,7 +93,7 @@ def apply_overrides(base: QueuePolicy, overrides: Mapping[str, Any] | None) -> t
     """``base`` with a run's ``extra_data.telemetry.policy`` applied; invalid overrides are noted and ignored."""
     if not overrides:
         return base, []
-    changes: dict[str, int] = {}
+    changes: dict[str, float] = {}
     notes: list[str] = []
     aliases = {key: knob for knob, (_, _, key) in KNOBS.items()}
     aliases.update({var: knob for knob, (var, _, _) in KNOBS.items()})
@@ -95,7 +103,7 @@ def apply_overrides(base: QueuePolicy, overrides: Mapping[str, Any] | None) -> t
             notes.append(f"unknown policy key {key!r} ignored (known: {', '.join(sorted(KNOBS))})")
             continue
         try:
-            changes[knob] = _parse(str(key), raw)
+            changes[knob] = _parse(knob, raw)
         except ValueError as exc:
             notes.append(f"invalid policy {key}={raw!r} ({exc}); keeping {getattr(base, knob)}")
     return replace(base, **changes), notes

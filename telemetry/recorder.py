@@ -37,6 +37,8 @@ TAG_NODE = "TelemetryCapture"
 
 Snapshot = dict[str, Any]
 Finisher = Callable[[PromptRecord], None]
+# Called on the writer thread before the finishers: ``None`` to go on, or seconds after which to ask again.
+Gate = Callable[[PromptRecord], float | None]
 Listener = Callable[[PromptRecord], None]
 
 
@@ -250,6 +252,7 @@ class Recorder:
         # Bumped under the lock on every change a reader can see, so route caches can key on it exactly.
         self.version = 0
         self._finishers: list[tuple[str, Finisher]] = []
+        self._gates: list[tuple[str, Gate]] = []
         self._start_hooks: list[Callable[[PromptRecord, Mapping[str, Any]], None]] = []
         self._accept_hooks: list[AcceptHook] = []
         self._listeners: list[Listener] = []
@@ -267,6 +270,16 @@ class Recorder:
             self._finishers.insert(0, (name, fn))
         else:
             self._finishers.append((name, fn))
+
+    def add_gate(self, name: str, fn: Gate) -> None:
+        """Hold a finished record before its finishers until ``fn(record)`` returns ``None``.
+
+        ``fn`` runs on the writer thread and returns seconds to wait before it is asked again (late output files,
+        an earlier prompt's marker at the same prefix): a delayed writer job, so nothing blocks meanwhile, and the
+        record stays "running" to readers until every gate has passed. Gates are asked in order; a failing gate is
+        noted on the record and passed.
+        """
+        self._gates.append((name, fn))
 
     def add_start_hook(self, fn: Callable[[PromptRecord, Mapping[str, Any]], None]) -> None:
         """Run ``fn(record, prompt)`` on the worker thread when a prompt starts (kept cheap)."""
@@ -511,6 +524,21 @@ class Recorder:
             self.version += 1
         self.writer.submit(lambda: self._finalize(rec))
 
+    def tag_running(self, tags: Mapping[str, Any], prompt_id: str | None = None) -> None:
+        """Tags a node computed while the prompt runs (inputs by link): each applies where none was set before."""
+        live = self._get_live(prompt_id)
+        if live is None:
+            return
+        fresh = {k: v for k, v in tags.items() if v not in (None, "", 0) and k not in live.record.Tags}
+        if fresh:
+            self._apply_tags(live.record, fresh)
+            self._bump()
+
+    def live_record(self, prompt_id: str | None) -> PromptRecord | None:
+        """The record of a running prompt (``None``: the current one), for the node adapters to amend; or ``None``."""
+        live = self._get_live(prompt_id)
+        return live.record if live is not None else None
+
     # --- reads (routes) ---
 
     def get(self, prompt_id: str) -> PromptRecord | None:
@@ -667,10 +695,25 @@ class Recorder:
             if rec.Outcome not in FINAL_OUTCOMES:
                 rec.Outcome = "error"
             rec.FallbackNotes.append(f"record incomplete: {type(exc).__name__}: {exc}")
+        self._pass_gates(rec, 0)
+
+    def _pass_gates(self, rec: PromptRecord, start: int) -> None:
+        """Ask the gates from ``start`` on; finish the record once all have passed (writer thread)."""
+        for index in range(start, len(self._gates)):
+            name, gate = self._gates[index]
+            try:
+                delay = gate(rec)
+            except Exception as exc:
+                logger.exception("Run Telemetry: gate %s failed for prompt %s", name, rec.PromptId)
+                rec.FallbackNotes.append(f"{name} failed: {type(exc).__name__}: {exc}")
+                delay = None
+            if delay is not None:
+                self.writer.submit_after(max(0.0, delay), lambda i=index: self._pass_gates(rec, i))
+                return
         self._finalize(rec)
 
     def _finalize(self, rec: PromptRecord) -> None:
-        """The finishing steps, the store and the listeners for a final record (writer thread)."""
+        """Run the finishers, store the final record and publish it (writer thread)."""
         for name, fn in self._finishers:
             try:
                 fn(rec)

@@ -74,6 +74,7 @@ class MarkerState(_Model):
     FrameCount: int | None = None
     Sha256: bool = False
     State: Literal["pending", "written", "failed", "error", "skipped"] = "pending"
+    Outcome: str | None = Field(default=None, description="The .failed marker's Outcome (error, validation ...).")
     Path: str | None = None
     WaitSeconds: float | None = None
     Error: str | None = None

@@ -116,14 +116,14 @@ def test_interrupted_prompt_is_recorded(comfy: ComfyServer, tmp_path: Path) -> N
 
 def test_fully_cached_prompt_is_recorded(comfy: ComfyServer) -> None:
     prompt = wf.frames(uniq("cache"), marker=False)
-    wait_record(comfy, comfy.queue(prompt))
+    first = wait_record(comfy, comfy.queue(prompt))
     rec = wait_record(comfy, comfy.queue(prompt))
     assert rec["Outcome"] == "success"
     assert rec["Nodes"] and all(n["Cached"] for n in rec["Nodes"]), rec["Nodes"]
-    # A cached output node writes no new file; whatever UI output ComfyUI reports for it, the record says the same.
-    hist = comfy.history(rec["PromptId"])["outputs"]
-    expected = sorted(i["filename"] for ui in hist.values() for items in ui.values() for i in items if "filename" in i)
-    assert sorted(o["Filename"] for o in rec["Outputs"]) == expected
+    # A cached output node writes no new file; the record lists what it produced, as the first run did (0.3.75's
+    # history leaves it out when the prompt has no client_id).
+    assert sorted(o["Filename"] for o in rec["Outputs"]) == sorted(o["Filename"] for o in first["Outputs"])
+    assert len(first["Outputs"]) == 3
 
 
 def test_unknown_ids_and_bad_parameters(comfy: ComfyServer) -> None:

@@ -97,3 +97,7 @@ class RTTestFlaky:
 
 
 NODE_CLASS_MAPPINGS = {"RTTestSleep": RTTestSleep, "RTTestRaise": RTTestRaise, "RTTestFlaky": RTTestFlaky}
+
+from .marker_cases import NODE_CLASS_MAPPINGS as _MARKER_CASES  # noqa: E402
+
+NODE_CLASS_MAPPINGS.update(_MARKER_CASES)

@@ -1,0 +1,98 @@
+"""Per-prefix ordering of marker clears and writes across prompts.
+
+Prompts that declare the same marker prefix are served in the order ComfyUI's queue accepted them: a prompt's
+stale-marker clear (made when it is accepted) never runs while an earlier prompt's marker at that prefix is still to
+be written (the clear waits and runs right after that write), and a prompt's marker write waits while an earlier
+prompt that has already ended is still writing its own. So a consumer never finds, after a prompt was accepted, a
+marker at its prefix that an earlier prompt wrote later, and the last marker at a prefix is the last prompt's.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+logger = logging.getLogger("run_telemetry.markers")
+
+
+@dataclass
+class _Claim:
+    prompt_id: str
+    ended: bool = False  # the prompt's execution ended: its marker write is due (writer thread)
+    clear: Callable[[], None] | None = None  # this prompt's stale-marker clear, waiting for earlier writes
+
+
+@dataclass
+class PrefixOrder:
+    """Claims on marker prefixes (keys: resolved base paths), in acceptance order. Thread-safe."""
+
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _claims: dict[str, list[_Claim]] = field(default_factory=dict)
+
+    def claim(self, key: str, prompt_id: str, clear: Callable[[], None]) -> bool:
+        """``prompt_id`` declares a marker at ``key``: clear now if no earlier claim is open (True), else later."""
+        with self._lock:
+            claims = self._claims.setdefault(key, [])
+            if any(c.prompt_id == prompt_id for c in claims):
+                return False
+            claims.append(_Claim(prompt_id))
+            if len(claims) > 1:
+                claims[-1].clear = clear
+                return False
+            clear()  # under the lock: an earlier prompt's write cannot slip in between
+            return True
+
+    def ended(self, prompt_id: str) -> None:
+        """The prompt's execution ended: a later prompt's write at its prefixes now waits for this one's."""
+        with self._lock:
+            for claims in self._claims.values():
+                for c in claims:
+                    if c.prompt_id == prompt_id:
+                        c.ended = True
+
+    def must_wait(self, key: str, prompt_id: str) -> bool:
+        """Whether an earlier prompt that has ended still has to write its marker at ``key``."""
+        with self._lock:
+            for c in self._claims.get(key, ()):
+                if c.prompt_id == prompt_id:
+                    return False
+                if c.ended:
+                    return True
+            return False
+
+    def write(self, key: str, prompt_id: str, write: Callable[[], None]) -> None:
+        """Write ``prompt_id``'s marker at ``key`` and release its claim; clears now due run right after it."""
+        with self._lock:
+            try:
+                write()
+            finally:
+                self._release(key, prompt_id)
+
+    def release(self, prompt_id: str) -> None:
+        """Drop every claim of ``prompt_id`` (it wrote its markers, or never will); run clears now due."""
+        with self._lock:
+            for key in [k for k, claims in self._claims.items() if any(c.prompt_id == prompt_id for c in claims)]:
+                self._release(key, prompt_id)
+
+    def _release(self, key: str, prompt_id: str) -> None:
+        claims = self._claims.get(key, [])
+        kept = [c for c in claims if c.prompt_id != prompt_id]
+        # A claim whose earlier claims are all gone runs its waiting clear now (its own write has not happened).
+        for c in kept[:1]:
+            if c.clear is not None:
+                clear, c.clear = c.clear, None
+                try:
+                    clear()
+                except Exception:  # the clear reports its own problems on its record; the order must go on
+                    logger.exception("Run Telemetry: a deferred stale-marker clear failed")
+        if kept:
+            self._claims[key] = kept
+        else:
+            self._claims.pop(key, None)
+
+    def open_claims(self) -> int:
+        """How many claims are open (for ``GET /telemetry``-style diagnostics and tests)."""
+        with self._lock:
+            return sum(len(c) for c in self._claims.values())
