@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -225,8 +226,13 @@ def test_forced_copy_on_timeout_copies_newest_matching_files(output: Path, tmp_p
         assert expected in text, text
     assert "frame_00003_.png.tmp" not in text and ".frame.done" not in text.split("candidates")[1]
     assert "other_00001_.png" not in text
-    assert any("force-copied 2 newest matching file(s) after a stable window" in n for n in report["FallbackNotes"])
+    assert any(
+        "force-copied 2 matching file(s) after a stable window, all modified since the wait began" in n
+        and "skipped 1 stale file(s)" in n
+        for n in report["FallbackNotes"]
+    ), report["FallbackNotes"]
     assert sorted(os.listdir(copy_to)) == [debug.name, "scene"]
+    assert not (copy_to / "scene" / "frame_old.png").exists()
     assert time.time() - started < 10
 
 
@@ -378,3 +384,244 @@ def test_find_candidates_excludes_markers_temps_and_other_prefixes(tmp_path: Pat
     assert [p.name for p in find_candidates(tmp_path / "frame")] == ["frame.mp4", "frame_1.png"]
     (tmp_path / ".hidden_1.png").write_bytes(b"x")
     assert [p.name for p in find_candidates(tmp_path / ".hidden")] == [".hidden_1.png"]
+
+
+# --- C1: a forced copy never takes an earlier render's files without saying so ---------------------------------------
+
+
+def _age(path: Path, seconds: float) -> None:
+    then = time.time() - seconds
+    os.utime(path, (then, then))
+
+
+def test_forced_copy_skips_stale_files_and_says_so(tmp_path: Path) -> None:
+    """Only hour-old matching files: nothing is copied, each is listed as skipped-stale in the result and debug file.
+
+    Before the fix the forced copy took all of them ("none modified since the wait began; took all") and the note
+    said "force-copied 2 newest matching file(s)".
+    """
+    out = tmp_path / "output"
+    (out / "scene").mkdir(parents=True)
+    for name in ("frame_00001_.png", "frame_00002_.png"):
+        (out / "scene" / name).write_bytes(b"earlier take")
+        _age(out / "scene" / name, 3600)
+    copy_to = tmp_path / "copy"
+    result = run(
+        "wait", "--output-dir", str(out), "--prefix", "scene/frame", "--timeout", "0.2",
+        "--copy-to", str(copy_to), "--stability-seconds", "0.05", "--stability-retries", "1",
+    )  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    report = json.loads(result.stdout)
+    assert report["Copied"] == []
+    assert not (copy_to / "scene").exists()
+    entries = report["ForcedCopyFiles"]
+    assert sorted(Path(e["Source"]).name for e in entries) == ["frame_00001_.png", "frame_00002_.png"]
+    assert {e["Action"] for e in entries} == {"skipped"}
+    assert all(e["Reason"].startswith("stale: modified ") and "before the wait began" in e["Reason"] for e in entries)
+    note = report["FallbackNotes"][-1]
+    assert "force-copied 0 matching file(s)" in note and "skipped 2 stale file(s)" in note, note
+    text = Path(report["ForcedCopyDebugPath"]).read_text()
+    skipped_section = text.split("\nskipped:\n")[1]
+    assert "frame_00001_.png: stale: modified" in skipped_section and "frame_00002_.png" in skipped_section
+    assert text.split("\ncopied:\n")[1].startswith("  (none)")
+
+
+def test_forced_copy_with_allow_stale_copies_and_marks_them_stale(tmp_path: Path) -> None:
+    """--allow-stale-copy copies the earlier take, and its entry and the note say it is stale."""
+    out = tmp_path / "output"
+    (out / "scene").mkdir(parents=True)
+    (out / "scene" / "frame_00001_.png").write_bytes(b"earlier take")
+    _age(out / "scene" / "frame_00001_.png", 3600)
+    copy_to = tmp_path / "copy"
+    result = run(
+        "wait", "--output-dir", str(out), "--prefix", "scene/frame", "--timeout", "0.1", "--allow-stale-copy",
+        "--copy-to", str(copy_to), "--stability-seconds", "0.05", "--stability-retries", "1",
+    )  # fmt: skip
+    report = json.loads(result.stdout)
+    assert report["Copied"] == [str(copy_to / "scene" / "frame_00001_.png")]
+    (entry,) = report["ForcedCopyFiles"]
+    assert (
+        entry["Action"] == "copied"
+        and entry["Reason"].startswith("stale: ")
+        and "--allow-stale-copy" in entry["Reason"]
+    )
+    assert "--allow-stale-copy" in report["FallbackNotes"][-1]
+
+
+def test_forced_copy_cutoff_is_newer_than_when_given(tmp_path: Path) -> None:
+    """With --newer-than the cut-off is that time: a file from before it is skipped, a file after it copied."""
+    out = tmp_path / "output"
+    (out / "scene").mkdir(parents=True)
+    (out / "scene" / "frame_a.png").write_bytes(b"a")
+    _age(out / "scene" / "frame_a.png", 600)
+    (out / "scene" / "frame_b.png").write_bytes(b"b")
+    _age(out / "scene" / "frame_b.png", 60)
+    copy_to = tmp_path / "copy"
+    cutoff = time.time() - 300
+    result = run(
+        "wait", "--output-dir", str(out), "--prefix", "scene/frame", "--timeout", "0.1", "--newer-than", f"{cutoff}",
+        "--copy-to", str(copy_to), "--stability-seconds", "0.05", "--stability-retries", "1",
+    )  # fmt: skip
+    report = json.loads(result.stdout)
+    actions = {Path(e["Source"]).name: (e["Action"], e["Reason"]) for e in report["ForcedCopyFiles"]}
+    assert actions["frame_b.png"][0] == "copied" and "after --newer-than" in actions["frame_b.png"][1]
+    assert actions["frame_a.png"][0] == "skipped" and "before --newer-than" in actions["frame_a.png"][1]
+
+
+# --- M3: a consumer names what it waits for -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("watcher", ["auto", "poll"])
+def test_prompt_id_ignores_another_prompts_marker_until_its_own_lands(output: Path, start_wait, watcher: str) -> None:
+    """A's .done is there; wait --prompt-id B says it ignores it, keeps waiting, and returns B's when it lands."""
+    write_marker(output, "--prefix", "scene/frame", "--prompt-id", "prompt-A")
+    waiter = start_wait(
+        "--output-dir", str(output), "--prefix", "scene/frame", "--prompt-id", "prompt-B", "--timeout", "30",
+        "--watcher", watcher,
+    )  # fmt: skip
+    assert "with PromptId 'prompt-B'" in waiter.announcement
+    assert waiter.proc.stderr is not None
+    # The waiter exits by its --timeout at the latest, so this read cannot hang.
+    ignored = waiter.proc.stderr.readline()
+    assert "frame.done: its PromptId 'prompt-A' is not 'prompt-B'; still waiting" in ignored, ignored
+    assert waiter.proc.poll() is None  # it told us it ignores A's marker and keeps waiting
+    # Another prompt's .failed does not answer either; B's .done does.
+    write_marker(output, "--prefix", "scene/frame", "--failed", "--prompt-id", "prompt-C")
+    write_marker(output, "--prefix", "scene/frame", "--prompt-id", "prompt-B", "--frames", "2")
+    code, report, _ = waiter.finish()
+    assert code == 0, report
+    assert report["Marker"]["PromptId"] == "prompt-B"
+    assert any("prompt-A" in text for text in report["IgnoredMarkers"])
+
+
+@pytest.mark.parametrize("watcher", ["auto", "poll"])
+def test_newer_than_ignores_an_older_marker(output: Path, start_wait, watcher: str) -> None:
+    """A marker written before --newer-than is not the answer; one written after is."""
+    write_marker(output, "--prefix", "scene/frame", "--prompt-id", "old")
+    old_stamp = json.loads((output / "scene" / "frame.done").read_text())["Timestamp"]
+    cutoff = datetime.now(timezone.utc) + timedelta(milliseconds=5)
+    waiter = start_wait(
+        "--output-dir", str(output), "--prefix", "scene/frame", "--newer-than", cutoff.isoformat(),
+        "--timeout", "30", "--watcher", watcher,
+    )  # fmt: skip
+    assert waiter.proc.stderr is not None
+    ignored = waiter.proc.stderr.readline()
+    assert f"its Timestamp {old_stamp} is older than" in ignored, ignored
+    write_marker(output, "--prefix", "scene/frame", "--prompt-id", "new")
+    code, report, _ = waiter.finish()
+    assert code == 0, report
+    assert report["Marker"]["PromptId"] == "new"
+
+
+def test_marker_filter_compares_at_millisecond_precision() -> None:
+    """Timestamp is written to the millisecond: a marker in the same millisecond as --newer-than counts as newer."""
+    cutoff = datetime(2026, 11, 29, 18, 0, 0, 123456, tzinfo=timezone.utc)
+    same_ms = DoneMarker(Prefix="p", Timestamp=datetime(2026, 11, 29, 18, 0, 0, 123000, tzinfo=timezone.utc))
+    before = DoneMarker(Prefix="p", Timestamp=datetime(2026, 11, 29, 18, 0, 0, 122999, tzinfo=timezone.utc))
+    accept = consumer.MarkerFilter(newer_than=cutoff)
+    assert accept.reason_to_ignore(same_ms) is None
+    assert accept.reason_to_ignore(before) is not None
+    assert consumer.MarkerFilter(prompt_id="x").reason_to_ignore(DoneMarker(Prefix="p")) == (
+        "its PromptId None is not 'x'"
+    )
+
+
+def test_timeout_reports_the_markers_it_ignored(output: Path) -> None:
+    """Only another prompt's marker until the deadline: exit 3, and the report names the ignored marker."""
+    write_marker(output, "--prefix", "scene/frame", "--prompt-id", "A")
+    result = run("wait", "--output-dir", str(output), "--prefix", "scene/frame", "--prompt-id", "B", "--timeout", "0.3")
+    assert result.returncode == 3, result.stderr
+    report = json.loads(result.stdout)
+    assert report["Status"] == "timeout" and report["Marker"] is None
+    assert len(report["IgnoredMarkers"]) == 1 and "'A' is not 'B'" in report["IgnoredMarkers"][0]
+
+
+# --- C1: write-marker lists this render's files only ----------------------------------------------------------------
+
+
+@pytest.fixture()
+def two_takes(tmp_path: Path) -> tuple[Path, float]:
+    """An output folder holding an earlier take (frames 1-3, an hour old) and this render's frames 4-5."""
+    out = tmp_path / "output"
+    (out / "shot").mkdir(parents=True)
+    for i in (1, 2, 3):
+        path = out / "shot" / f"frame_{i:05}_.png"
+        path.write_bytes(b"earlier" * i)
+        _age(path, 3600 - i)
+    render_start = time.time() - 10
+    for i in (4, 5):
+        path = out / "shot" / f"frame_{i:05}_.png"
+        path.write_bytes(b"this render" * i)
+        _age(path, 6 - i)
+    return out, render_start
+
+
+def test_write_marker_since_lists_only_this_renders_files(two_takes: tuple[Path, float], tmp_path: Path) -> None:
+    """--since leaves the earlier take out of Outputs (and says so); wait --copy-to then copies only frames 4-5."""
+    out, render_start = two_takes
+    since = datetime.fromtimestamp(render_start, timezone.utc).isoformat()
+    written = write_marker(out, "--prefix", "shot/frame", "--since", since, "--prompt-id", "p")
+    assert written["Listed"] == ["frame_00004_.png", "frame_00005_.png"]
+    assert [item["File"] for item in written["LeftOut"]] == [f"frame_0000{i}_.png" for i in (1, 2, 3)]
+    assert all("before --since" in item["Reason"] for item in written["LeftOut"])
+    marker = json.loads((out / "shot" / "frame.done").read_text())
+    assert [o["Filename"] for o in marker["Outputs"]] == ["frame_00004_.png", "frame_00005_.png"]
+    assert marker["FrameCount"] == 2
+    copy_to = tmp_path / "copy"
+    result = run("wait", "--output-dir", str(out), "--prefix", "shot/frame", "--copy-to", str(copy_to))
+    assert result.returncode == 0, result.stdout
+    assert sorted(os.listdir(copy_to / "shot")) == ["frame_00004_.png", "frame_00005_.png"]
+
+
+def test_write_marker_since_accepts_epoch_seconds(two_takes: tuple[Path, float]) -> None:
+    """--since as epoch seconds means the same as ISO 8601."""
+    out, render_start = two_takes
+    written = write_marker(out, "--prefix", "shot/frame", "--since", f"{render_start:.3f}")
+    assert written["Listed"] == ["frame_00004_.png", "frame_00005_.png"]
+
+
+def test_write_marker_frames_lists_the_newest_n_and_warns(two_takes: tuple[Path, float]) -> None:
+    """--frames 2 with five matching files lists the newest two and warns that three were left out."""
+    out, _ = two_takes
+    result = run("write-marker", "--output-dir", str(out), "--prefix", "shot/frame", "--frames", "2")
+    assert result.returncode == 0, result.stderr
+    written = json.loads(result.stdout)
+    assert written["Listed"] == ["frame_00004_.png", "frame_00005_.png"]
+    assert written["Warnings"] == [
+        "--frames 2 but 5 matching file(s): listed the newest 2, left out 3 older one(s) as earlier takes"
+    ]
+    assert "warning: --frames 2 but 5 matching file(s)" in result.stderr
+    assert json.loads((out / "shot" / "frame.done").read_text())["FrameCount"] == 2
+
+
+def test_write_marker_frames_more_than_found_warns(two_takes: tuple[Path, float]) -> None:
+    """--frames 4 with --since finding two files: FrameCount 4, two listed, and a warning that they disagree."""
+    out, render_start = two_takes
+    result = run(
+        "write-marker", "--output-dir", str(out), "--prefix", "shot/frame", "--frames", "4",
+        "--since", f"{render_start}",
+    )  # fmt: skip
+    written = json.loads(result.stdout)
+    assert written["Listed"] == ["frame_00004_.png", "frame_00005_.png"]
+    assert (
+        len(written["Warnings"]) == 1
+        and "--frames 4 but only 2 matching file(s) modified since" in written["Warnings"][0]
+    )
+    assert json.loads((out / "shot" / "frame.done").read_text())["FrameCount"] == 4
+
+
+@pytest.mark.parametrize(
+    ("args", "fragment"),
+    [
+        (["wait", "--prefix", "x", "--newer-than", "yesterday"], "--newer-than 'yesterday' is not a time"),
+        (["wait", "--prefix", "x", "--newer-than", "2026-11-29T18:00:00"], "has no time zone"),
+        (["wait", "--prefix", "x", "--prompt-id", " "], "--prompt-id is empty"),
+        (["write-marker", "--prefix", "x", "--since", "soon"], "--since 'soon' is not a time"),
+        (["write-marker", "--prefix", "x", "--failed", "--since", "0"], "--since only applies to a done marker"),
+    ],
+)
+def test_bad_time_and_filter_input_exits_2(output: Path, args: list[str], fragment: str) -> None:
+    """Bad --newer-than, --since, --prompt-id: exit 2 with one line naming the option and the fix."""
+    result = run(args[0], "--output-dir", str(output), *args[1:])
+    assert result.returncode == 2, result.stdout
+    assert len(result.stderr.strip().splitlines()) == 1 and fragment in result.stderr, result.stderr
