@@ -77,14 +77,20 @@ def build_openapi(version: str) -> dict[str, Any]:
             "post": {
                 "summary": "Write artifact-metadata.json and run-summary.txt atomically and validate them",
                 "parameters": [RUN_ID],
-                "responses": {"200": _ok("Paths and validation"), "400": _ERROR, "404": _ERROR, "507": _ERROR},
+                "responses": {
+                    "200": _ok("Paths and validation"),
+                    "400": _ERROR,
+                    "404": _ERROR,
+                    "409": _ERROR,
+                    "507": _ERROR,
+                },
             }
         },
         "/telemetry/runs/{run_id}/artifact-metadata.json": {
             "get": {
                 "summary": "The finalized artifact-metadata.json",
                 "parameters": [RUN_ID],
-                "responses": {"200": _ok("File"), "400": _ERROR, "404": _ERROR},
+                "responses": {"200": _ok("File"), "400": _ERROR, "403": _ERROR, "404": _ERROR},
             }
         },
         "/telemetry/runs/{run_id}/run-summary.txt": {
@@ -94,6 +100,7 @@ def build_openapi(version: str) -> dict[str, Any]:
                 "responses": {
                     "200": {"description": "File", "content": {"text/plain": {"schema": {"type": "string"}}}},
                     "400": _ERROR,
+                    "403": _ERROR,
                     "404": _ERROR,
                 },
             }

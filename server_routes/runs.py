@@ -14,7 +14,7 @@ from typing import Any
 import pydantic_core
 from aiohttp import web
 
-from ..telemetry.atomic import MarkerWriteError, remove_stale_temps
+from ..telemetry.atomic import MarkerWriteError, UnsafePathError, remove_stale_temps
 from ..telemetry.llm import health_from_env
 from ..telemetry.runs import (
     METADATA_FILE,
@@ -22,6 +22,7 @@ from ..telemetry.runs import (
     assemble_run,
     finalize_files,
     gc_paused,
+    read_run_file,
     run_dir,
     run_id_problem,
     run_status,
@@ -162,7 +163,10 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
                     rt.writer.submit(lambda: rt.store.put_run(run_id, info))
                 folder = Path(meta["RunDir"])
                 try:
-                    report = finalize_files(folder, meta, render_summary(meta))
+                    report = finalize_files(folder, meta, render_summary(meta), output_dir=rt.output_dir())
+                except UnsafePathError as exc:
+                    # A symlink leading out of the output folder: refused, nothing written there.
+                    return json_error(409, f"refused to write the run files: {exc}", RunId=run_id, Path=str(exc.path))
                 except (MarkerWriteError, OSError) as exc:
                     return json_error(507, f"could not write the run files in {folder}: {exc}", RunId=run_id)
                 scenes = len(meta["Scenes"])
@@ -189,10 +193,14 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
 
     async def serve_file(request: web.Request, name: str, content_type: str) -> web.StreamResponse:
         run_id = checked_run_id(request)
-        path = run_dir(rt.output_dir(), run_id) / name
-        if not path.is_file():
+        try:
+            data = await asyncio.to_thread(read_run_file, rt.output_dir(), run_id, name)
+        except FileNotFoundError:
             return json_error(404, f"run {run_id!r} has no {name} yet: POST /telemetry/runs/{run_id}/finalize first")
-        return web.FileResponse(path, headers={"Content-Type": content_type})
+        except UnsafePathError as exc:
+            # Never serve a file outside the output folder: a symlinked run folder or file is refused.
+            return json_error(403, f"not served: {exc}", RunId=run_id, Path=str(exc.path))
+        return web.Response(body=data, headers={"Content-Type": content_type})
 
     @routes.get("/telemetry/runs/{run_id}/artifact-metadata.json")
     async def telemetry_run_metadata_file(request: web.Request) -> web.StreamResponse:

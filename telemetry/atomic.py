@@ -3,6 +3,13 @@
 A reader of the destination sees either the previous whole file or the new whole file, never a partial one,
 and a writer killed at any point leaves at worst a temp file whose name says it is one (``.<name>.<pid>.<hex>.tmp``).
 Such stale temps are removed by :func:`remove_stale_temps`, which the marker writer runs before every write.
+
+Writes under a trusted root (the output folder) go through :func:`open_folder`: every folder below the root is
+opened with ``O_NOFOLLOW | O_DIRECTORY`` relative to the one above it, and the temp file, the rename, the unlinks
+and the folder fsync all happen relative to that one opened folder (``dir_fd=``, the ``openat`` family). Swapping a
+folder for a symlink after the checks then makes the open fail (refused, :class:`UnsafePathError`) instead of
+carrying the file out of the root. Windows has no ``dir_fd``: there :data:`DIR_FD_SUPPORTED` is false and callers
+fall back to checking resolved paths just before writing, which narrows the window but cannot close it.
 """
 
 from __future__ import annotations
@@ -12,14 +19,17 @@ import logging
 import os
 import re
 import secrets
+import stat
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 logger = logging.getLogger("run_telemetry.markers")
 
-ReplaceFn = Callable[[str | os.PathLike[str], str | os.PathLike[str]], None]
+# Called as replace(src, dst) with paths, or replace(src, dst, src_dir_fd=fd, dst_dir_fd=fd) with names in a folder.
+ReplaceFn = Callable[..., None]
 SleepFn = Callable[[float], None]
 
 DEFAULT_RETRIES = 5
@@ -40,6 +50,116 @@ class MarkerWriteError(OSError):
 
     def __str__(self) -> str:
         return str(self.strerror)
+
+
+class UnsafePathError(MarkerWriteError):
+    """A folder or file on the way is a symlink or not what it should be: refused, nothing written or read there."""
+
+
+# openat-style writes need O_NOFOLLOW, O_DIRECTORY and dir_fd support for every call used (POSIX; not Windows).
+DIR_FD_SUPPORTED = (
+    os.name == "posix"
+    and hasattr(os, "O_NOFOLLOW")
+    and hasattr(os, "O_DIRECTORY")
+    and {os.open, os.mkdir, os.unlink, os.rename, os.stat, os.readlink} <= os.supports_dir_fd
+    and os.scandir in os.supports_fd
+)
+_DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+_NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+
+
+def _describe_entry(name: str, dir_fd: int, shown: Path) -> tuple[str, bool]:
+    """What ``name`` in ``dir_fd`` is, for an error message (a symlink and where to, a file, missing), and if a link."""
+    try:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except OSError:
+        return f"{shown} is missing or unreadable", False
+    if stat.S_ISLNK(st.st_mode):
+        try:
+            target = os.readlink(name, dir_fd=dir_fd)
+        except OSError:
+            target = "?"
+        return f"{shown} is a symlink (to {target})", True
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{shown} is not a folder", False
+    return f"{shown} changed while it was opened", False
+
+
+@contextmanager
+def open_folder(root: str | os.PathLike[str], parts: Sequence[str], *, create: bool) -> Iterator[int | None]:
+    """Yield an open descriptor of ``root/parts...``, every part opened without following symlinks.
+
+    ``root`` itself is opened normally (it is configured, e.g. ComfyUI's output folder, and may be a link); each
+    of ``parts`` is opened relative to the folder above it with ``O_NOFOLLOW | O_DIRECTORY`` and, with ``create``,
+    made first when missing. Raises :class:`UnsafePathError` when a part is a symlink or not a folder, and
+    :class:`MarkerWriteError` with ``errno.ENOENT`` when a part is missing and not ``create``. Yields ``None`` where
+    :data:`DIR_FD_SUPPORTED` is false (Windows): the caller then uses paths and its own checks.
+    """
+    if not DIR_FD_SUPPORTED:
+        yield None
+        return
+    root_path = Path(root)
+    try:
+        fd = os.open(root_path, _DIR_FLAGS)
+    except OSError as exc:
+        raise MarkerWriteError(
+            exc.errno, f"cannot open the folder {root_path}: {exc.strerror or exc}", root_path
+        ) from exc
+    shown = root_path
+    try:
+        for part in parts:
+            if part in ("", ".", "..") or "/" in part or os.sep in part:
+                raise UnsafePathError(errno.EINVAL, f"{shown / part} is not a plain folder name; refused", shown / part)
+            shown = shown / part
+            if create:
+                try:
+                    os.mkdir(part, 0o777, dir_fd=fd)
+                except FileExistsError:
+                    pass
+                except OSError as exc:
+                    raise MarkerWriteError(
+                        exc.errno, f"could not create the folder {shown}: {exc.strerror or exc}", shown
+                    ) from exc
+            try:
+                child = os.open(part, _DIR_FLAGS | _NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError as exc:
+                raise MarkerWriteError(errno.ENOENT, f"{shown} does not exist", shown) from exc
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR, errno.EMLINK):
+                    # Linux answers ENOTDIR for a symlink opened with O_NOFOLLOW | O_DIRECTORY: report it as ELOOP.
+                    what, is_link = _describe_entry(part, fd, shown)
+                    raise UnsafePathError(
+                        errno.ELOOP if is_link else exc.errno,
+                        f"{what}: refused, so that nothing is written or read outside "
+                        f"{root_path}; replace it by a real folder",
+                        shown,
+                    ) from exc
+                raise MarkerWriteError(
+                    exc.errno, f"cannot open the folder {shown}: {exc.strerror or exc}", shown
+                ) from exc
+            os.close(fd)
+            fd = child
+        yield fd
+    finally:
+        os.close(fd)
+
+
+def refuse_symlinked_file(name: str, dir_fd: int | None, shown: Path) -> None:
+    """Raise :class:`UnsafePathError` when ``name`` in the opened folder is a symlink or not a regular file."""
+    try:
+        st = os.stat(name if dir_fd is not None else shown, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISLNK(st.st_mode):
+        target = os.readlink(name, dir_fd=dir_fd) if dir_fd is not None else os.readlink(shown)
+        raise UnsafePathError(
+            errno.ELOOP,
+            f"{shown} is a symlink (to {target}): refused, so that nothing is written or read through it; "
+            "remove the link",
+            shown,
+        )
+    if not stat.S_ISREG(st.st_mode):
+        raise UnsafePathError(errno.EISDIR, f"{shown} is not a regular file: refused; remove it", shown)
 
 
 @dataclass(frozen=True)
@@ -81,40 +201,52 @@ def _pid_is_gone(pid: int) -> bool:
 
 
 def remove_stale_temps(
-    path: Path, *, stale_after: float = STALE_TEMP_SECONDS, now: Callable[[], float] = time.time
+    path: Path,
+    *,
+    stale_after: float = STALE_TEMP_SECONDS,
+    now: Callable[[], float] = time.time,
+    dir_fd: int | None = None,
 ) -> list[Path]:
     """Remove temp files left for ``path`` by killed writers; return what was removed.
 
     A temp is stale when it is older than ``stale_after`` seconds or, on POSIX, when the process id in its
-    name no longer exists on this host. Errors are logged, never raised: cleaning is best effort.
+    name no longer exists on this host. With ``dir_fd`` the folder is that opened folder (``path`` only names it).
+    Errors are logged, never raised: cleaning is best effort.
     """
     folder = path.parent
     removed: list[Path] = []
     try:
-        entries = list(os.scandir(folder))
+        entries = list(os.scandir(folder if dir_fd is None else dir_fd))
     except OSError:
         return removed
     for entry in entries:
         match = _TEMP_RE.match(entry.name)
         if not match or match.group("name") != path.name:
             continue
+        shown = folder / entry.name
         try:
             age = now() - entry.stat(follow_symlinks=False).st_mtime
             if age > stale_after or _pid_is_gone(int(match.group("pid"))):
-                os.unlink(entry.path)
-                removed.append(Path(entry.path))
+                if dir_fd is None:
+                    os.unlink(shown)
+                else:
+                    os.unlink(entry.name, dir_fd=dir_fd)
+                removed.append(shown)
         except FileNotFoundError:
             continue
         except OSError as exc:
-            logger.warning("could not remove stale temp file %s: %s", entry.path, exc)
+            logger.warning("could not remove stale temp file %s: %s", shown, exc)
     if removed:
         logger.info("removed %d stale temp file(s) for %s", len(removed), path)
     return removed
 
 
-def _unlink_quietly(path: Path) -> None:
+def _unlink_quietly(path: Path, dir_fd: int | None = None) -> None:
     try:
-        os.unlink(path)
+        if dir_fd is None:
+            os.unlink(path)
+        else:
+            os.unlink(path.name, dir_fd=dir_fd)
     except FileNotFoundError:
         pass
     except OSError as exc:
@@ -128,22 +260,26 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
-def _fsync_folder(folder: Path) -> None:
+def _fsync_folder(folder: Path, dir_fd: int | None = None) -> None:
     # Without this the rename itself may be lost on power failure; Windows cannot open a folder this way.
     if os.name != "posix":
         return
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError as exc:
-        logger.debug("cannot open folder %s to fsync it: %s", folder, exc)
-        return
+    if dir_fd is None:
+        try:
+            fd = os.open(folder, os.O_RDONLY)
+        except OSError as exc:
+            logger.debug("cannot open folder %s to fsync it: %s", folder, exc)
+            return
+    else:
+        fd = dir_fd
     try:
         os.fsync(fd)
     except OSError as exc:
         if exc.errno not in (errno.EINVAL, errno.ENOTSUP, errno.EBADF):
             logger.warning("fsync of folder %s failed: %s", folder, exc)
     finally:
-        os.close(fd)
+        if dir_fd is None:
+            os.close(fd)
 
 
 def _error(exc: OSError, path: Path, doing: str) -> MarkerWriteError:
@@ -151,14 +287,23 @@ def _error(exc: OSError, path: Path, doing: str) -> MarkerWriteError:
     return MarkerWriteError(exc.errno, f"could not write {path}: {doing} failed: {reason}", path)
 
 
-def _direct_write(path: Path, data: bytes) -> None:
-    # open('wb') would follow a symlink out of the folder, which the rename never does.
-    if path.is_symlink():
+def _direct_write(path: Path, data: bytes, dir_fd: int | None = None) -> None:
+    # open('wb') would follow a symlink out of the folder, which the rename never does; O_NOFOLLOW refuses it.
+    if _NOFOLLOW == 0 and path.is_symlink():
         raise MarkerWriteError(
             errno.ELOOP, f"could not write {path}: it is a symlink and the rename kept failing; remove the link", path
         )
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0)
-    fd = os.open(path, flags, 0o666)
+    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC | getattr(os, "O_BINARY", 0) | _NOFOLLOW
+    try:
+        fd = os.open(path if dir_fd is None else path.name, flags, 0o666, dir_fd=dir_fd)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise MarkerWriteError(
+                errno.ELOOP,
+                f"could not write {path}: it is a symlink and the rename kept failing; remove the link",
+                path,
+            ) from exc
+        raise
     try:
         _write_all(fd, data)
         os.fsync(fd)
@@ -174,18 +319,21 @@ def atomic_write(
     sleep: SleepFn = time.sleep,
     retries: int = DEFAULT_RETRIES,
     backoff: float = DEFAULT_BACKOFF,
+    dir_fd: int | None = None,
 ) -> AtomicWriteResult:
     """Write ``data`` to ``path`` so readers never see a partial file; raise :class:`MarkerWriteError` on failure.
 
-    ``replace`` failing with PermissionError (Windows, while a reader holds the destination) is retried
-    ``retries`` more times, sleeping ``backoff`` seconds doubling each time; then the destination is written
-    directly (not atomic) and the result's ``fallback_note`` says so.
+    With ``dir_fd`` (an open folder from :func:`open_folder`) every step happens in that folder by name and
+    ``path`` is only what messages and the result show; ``replace`` is then called with the names and
+    ``src_dir_fd``/``dst_dir_fd``. ``replace`` failing with PermissionError (Windows, while a reader holds the
+    destination) is retried ``retries`` more times, sleeping ``backoff`` seconds doubling each time; then the
+    destination is written directly (not atomic, never through a symlink) and the result's ``fallback_note`` says so.
     """
     path = Path(path)
     tmp = path.parent / temp_name_for(path)
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_BINARY", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
-        fd = os.open(tmp, flags, 0o666)
+        fd = os.open(tmp if dir_fd is None else tmp.name, flags | _NOFOLLOW, 0o666, dir_fd=dir_fd)
     except OSError as exc:
         raise _error(exc, path, "creating the temp file") from exc
     try:
@@ -195,7 +343,7 @@ def atomic_write(
         finally:
             os.close(fd)
     except OSError as exc:
-        _unlink_quietly(tmp)
+        _unlink_quietly(tmp, dir_fd)
         raise _error(exc, path, "writing the temp file") from exc
 
     attempts = 0
@@ -203,7 +351,10 @@ def atomic_write(
     while True:
         attempts += 1
         try:
-            replace(tmp, path)
+            if dir_fd is None:
+                replace(tmp, path)
+            else:
+                replace(tmp.name, path.name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
             break
         except PermissionError as exc:
             if attempts <= retries:
@@ -211,25 +362,27 @@ def atomic_write(
                 sleep(delay)
                 delay *= 2
                 continue
-            return _fallback(path, tmp, data, attempts, exc)
+            return _fallback(path, tmp, data, attempts, exc, dir_fd)
         except OSError as exc:
-            _unlink_quietly(tmp)
+            _unlink_quietly(tmp, dir_fd)
             raise _error(exc, path, "renaming the temp file into place") from exc
 
-    _fsync_folder(path.parent)
+    _fsync_folder(path.parent, dir_fd)
     return AtomicWriteResult(path=path, attempts=attempts)
 
 
-def _fallback(path: Path, tmp: Path, data: bytes, attempts: int, cause: PermissionError) -> AtomicWriteResult:
+def _fallback(
+    path: Path, tmp: Path, data: bytes, attempts: int, cause: PermissionError, dir_fd: int | None
+) -> AtomicWriteResult:
     try:
-        _direct_write(path, data)
+        _direct_write(path, data, dir_fd)
     except MarkerWriteError:
-        _unlink_quietly(tmp)
+        _unlink_quietly(tmp, dir_fd)
         raise
     except OSError as exc:
-        _unlink_quietly(tmp)
+        _unlink_quietly(tmp, dir_fd)
         raise _error(exc, path, f"the direct write after {attempts} refused renames") from exc
-    _unlink_quietly(tmp)
+    _unlink_quietly(tmp, dir_fd)
     note = (
         f"renaming onto {path} was refused {attempts} times ({cause.strerror or cause}); "
         "wrote it directly instead, so a reader at that moment could have seen a partial file"

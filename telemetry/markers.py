@@ -3,10 +3,16 @@
 A marker is ``<output_dir>/<prefix>.done`` or ``<output_dir>/<prefix>.failed``, JSON with PascalCase fields.
 Writing one removes the other first, so a watcher never sees a fresh ``.done`` beside a stale ``.failed``;
 it also removes temp files abandoned by killed writers (see :func:`telemetry.atomic.remove_stale_temps`).
+
+The prefix is checked (:func:`telemetry.paths.resolve_prefix`), then its folder is opened below the output folder
+one component at a time without following symlinks (:func:`telemetry.atomic.open_folder`), and the clearing and
+writing happen in that opened folder: a folder swapped for a symlink after the check is refused, never written
+through. On Windows (no ``dir_fd``) the resolved path is checked again just before writing instead.
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -18,7 +24,15 @@ from typing import Annotated, Any, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_serializer
 
-from .atomic import AtomicWriteResult, MarkerWriteError, atomic_write, remove_stale_temps
+from .atomic import (
+    DIR_FD_SUPPORTED,
+    AtomicWriteResult,
+    MarkerWriteError,
+    UnsafePathError,
+    atomic_write,
+    open_folder,
+    remove_stale_temps,
+)
 from .paths import resolve_prefix
 
 logger = logging.getLogger("run_telemetry.markers")
@@ -221,12 +235,17 @@ def describe_outputs(
     return described
 
 
-def _remove(path: Path) -> bool:
+def _remove(path: Path, dir_fd: int | None = None) -> bool:
     # Linux reports EROFS for unlinking even a missing file on a read-only mount: look first.
-    if not os.path.lexists(path):
-        return False
+    name = path if dir_fd is None else path.name
     try:
-        os.unlink(path)
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    except OSError:
+        pass
+    try:
+        os.unlink(name, dir_fd=dir_fd)
     except FileNotFoundError:
         return False
     except OSError as exc:
@@ -234,13 +253,46 @@ def _remove(path: Path) -> bool:
     return True
 
 
+def _folder_parts(output_dir: str | Path, base: Path) -> tuple[Path, tuple[str, ...]]:
+    root = Path(os.path.realpath(os.fspath(output_dir)))
+    return root, base.parent.relative_to(root).parts
+
+
 def clear_markers(output_dir: str | Path, prefix: str) -> list[Path]:
-    """Remove ``<prefix>.done`` and ``<prefix>.failed`` (only those two, and stale temps); return what was removed."""
+    """Remove ``<prefix>.done`` and ``<prefix>.failed`` (only those two, and stale temps); return what was removed.
+
+    Raises :class:`~telemetry.paths.UnsafePrefixError` for a prefix that leaves the output folder and
+    :class:`~telemetry.atomic.UnsafePathError` (a MarkerWriteError) when a folder on the way became a symlink.
+    """
     base = resolve_prefix(output_dir, prefix)
-    removed = [path for path in marker_paths(base) if _remove(path)]
-    for path in marker_paths(base):
-        remove_stale_temps(path)
+    if not DIR_FD_SUPPORTED:
+        removed = [path for path in marker_paths(base) if _remove(path)]
+        for path in marker_paths(base):
+            remove_stale_temps(path)
+        return removed
+    root, parts = _folder_parts(output_dir, base)
+    try:
+        with open_folder(root, parts, create=False) as fd:
+            removed = [path for path in marker_paths(base) if _remove(path, fd)]
+            for path in marker_paths(base):
+                remove_stale_temps(path, dir_fd=fd)
+    except MarkerWriteError as exc:
+        if exc.errno == errno.ENOENT and not isinstance(exc, UnsafePathError):
+            return []  # the folder does not exist yet: nothing to clear
+        raise
     return removed
+
+
+def _write_in(
+    fd: int | None, target: Path, other: Path, marker: DoneMarker | FailedMarker, atomic_kwargs: dict[str, Any]
+) -> AtomicWriteResult:
+    remove_stale_temps(target, dir_fd=fd)
+    # The opposite marker goes first, so there is never a moment with both a fresh and a stale marker.
+    if _remove(other, fd):
+        logger.info("removed stale marker %s", other)
+    if fd is not None:
+        atomic_kwargs = {**atomic_kwargs, "dir_fd": fd}
+    return atomic_write(target, marker_bytes(marker), **atomic_kwargs)
 
 
 def _write_marker(
@@ -249,20 +301,22 @@ def _write_marker(
     base = resolve_prefix(output_dir, prefix)
     done_path, failed_path = marker_paths(base)
     target, other = (done_path, failed_path) if marker.kind == "done" else (failed_path, done_path)
-    try:
-        base.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise MarkerWriteError(
-            exc.errno, f"could not create the folder {base.parent}: {exc.strerror or exc}", base.parent
-        ) from exc
-    # Re-check after mkdir: a symlink swapped in meanwhile must not carry the marker out of the folder.
-    if resolve_prefix(output_dir, prefix) != base:
-        raise MarkerWriteError(None, f"the folder of {target} changed while writing; not written", target)
-    remove_stale_temps(target)
-    # The opposite marker goes first, so there is never a moment with both a fresh and a stale marker.
-    if _remove(other):
-        logger.info("removed stale marker %s", other)
-    result = atomic_write(target, marker_bytes(marker), **atomic_kwargs)
+    if DIR_FD_SUPPORTED:
+        root, parts = _folder_parts(output_dir, base)
+        with open_folder(root, parts, create=True) as fd:
+            result = _write_in(fd, target, other, marker, atomic_kwargs)
+    else:
+        # No dir_fd (Windows): create, re-check the resolved path, then write by path. A swap in between is not
+        # excluded here, only made unlikely.
+        try:
+            base.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise MarkerWriteError(
+                exc.errno, f"could not create the folder {base.parent}: {exc.strerror or exc}", base.parent
+            ) from exc
+        if resolve_prefix(output_dir, prefix) != base:
+            raise MarkerWriteError(None, f"the folder of {target} changed while writing; not written", target)
+        result = _write_in(None, target, other, marker, atomic_kwargs)
     logger.info("wrote %s marker %s", marker.kind, target)
     return result
 

@@ -6,10 +6,14 @@ Windows is often run on Linux and the other way round.
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import unicodedata
+from collections.abc import Sequence
 from pathlib import Path
+
+from .atomic import UnsafePathError
 
 _DRIVE_RE = re.compile(r"^[A-Za-z]:")
 _SEPARATORS_RE = re.compile(r"[\\/]")
@@ -95,9 +99,17 @@ def resolve_prefix(output_dir: str | Path, prefix: str, *, input_name: str = "fi
     # Join with the native separator rules so the marker lands beside what ComfyUI itself saves for this prefix.
     native = segments if os.name == "nt" else prefix.split("/")
     parts = [part for part in native if part not in ("", ".")]
-    root = os.path.realpath(os.fspath(output_dir))
-    candidate = os.path.join(root, *parts)
-    real_parent = os.path.realpath(os.path.dirname(candidate))
+    try:
+        root = os.path.realpath(os.fspath(output_dir))
+        candidate = os.path.join(root, *parts)
+        real_parent = os.path.realpath(os.path.dirname(candidate))
+    except OSError as exc:  # a folder on the way turned into a link (or back) while it was being resolved
+        raise _refuse(
+            input_name,
+            prefix,
+            f"could not be resolved ({exc.strerror or exc}): a folder on the way changed while it was checked",
+            "keep the folders under ComfyUI's output folder real folders",
+        ) from exc
     if not _is_within(real_parent, root):
         raise _refuse(
             input_name,
@@ -106,6 +118,34 @@ def resolve_prefix(output_dir: str | Path, prefix: str, *, input_name: str = "fi
             "give a path whose folders are inside ComfyUI's output folder",
         )
     return Path(real_parent) / os.path.basename(candidate)
+
+
+def resolve_under(root: str | Path, parts: Sequence[str]) -> tuple[Path, tuple[str, ...]]:
+    """``root`` resolved, and ``parts`` below it after following the symlinks that stay inside it.
+
+    Raises :class:`~telemetry.atomic.UnsafePathError` naming the first folder that leads out of ``root`` through a
+    symlink. This is the check; :func:`telemetry.atomic.open_folder` on the result is the guard that holds when a
+    folder is swapped for a link afterwards.
+    """
+    root_real = Path(os.path.realpath(os.fspath(root)))
+    current = root_real
+    for part in parts:
+        candidate = current / part
+        try:
+            real = Path(os.path.realpath(candidate))
+        except OSError as exc:  # it turned into a link (or back) while it was being resolved
+            raise UnsafePathError(
+                exc.errno, f"{candidate} changed while it was checked ({exc.strerror or exc}); refused", candidate
+            ) from exc
+        if not _is_within(str(real), str(root_real)):
+            raise UnsafePathError(
+                errno.ELOOP,
+                f"{candidate} leads through a symlink to {real}, outside {root_real}: refused, so that nothing is "
+                "written or read there; replace the link by a real folder inside it",
+                candidate,
+            )
+        current = real
+    return root_real, current.relative_to(root_real).parts
 
 
 def safe_id(value: str, *, input_name: str) -> str:

@@ -8,9 +8,12 @@ run is not validated field by field on the way. What finalize writes is validate
 
 from __future__ import annotations
 
+import errno
 import gc
 import json
+import os
 import re
+import stat
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -21,9 +24,10 @@ from typing import Any
 import pydantic_core
 
 from . import __version__
-from .atomic import atomic_write
+from .atomic import MarkerWriteError, UnsafePathError, atomic_write, open_folder, refuse_symlinked_file
 from .contract import telemetry_block
 from .models import LLMHealthInfo, Story
+from .paths import resolve_under
 from .policy import QueuePolicy
 from .records import FINAL_OUTCOMES, PromptRecord
 from .validate import ValidationReport, fast_check, validate_written_run
@@ -330,37 +334,104 @@ def metadata_json(meta: Mapping[str, Any]) -> bytes:
 
 
 def finalize_files(
-    folder: Path, meta: Mapping[str, Any], summary: str, *, lap: Callable[[str], None] | None = None
+    folder: Path,
+    meta: Mapping[str, Any],
+    summary: str,
+    *,
+    lap: Callable[[str], None] | None = None,
+    output_dir: Path | None = None,
 ) -> ValidationReport:
     """Write ``artifact-metadata.json`` and ``run-summary.txt`` into ``folder`` atomically and validate them.
 
-    Raises :class:`MarkerWriteError` (an OSError) when a file cannot be written. The report is the one
+    With ``output_dir`` (``folder`` is then ``<output_dir>/telemetry/runs/<run_id>``) the folders below it are opened
+    without following symlinks (:func:`telemetry.atomic.open_folder`) and both files are written in the opened run
+    folder, so a ``telemetry``, ``runs`` or run folder that is (or becomes) a symlink leading out of the output folder
+    is refused with :class:`~telemetry.atomic.UnsafePathError`, as is a run file that is a symlink; nothing is written
+    outside. Raises :class:`MarkerWriteError` (an OSError) when a file cannot be written. The report is the one
     ``validate_run_dir(folder)`` gives, found without jsonschema when the files hold what was written (see
     :func:`telemetry.validate.validate_written_run`); the in-memory check runs while the files are written and synced.
     ``lap(step)``, when given, is called after each step.
     """
-    folder.mkdir(parents=True, exist_ok=True)
+    folder = Path(folder)
+    if output_dir is not None:
+        Path(output_dir).mkdir(parents=True, exist_ok=True)  # the configured root is trusted; below it is checked
+        root, parts = resolve_under(output_dir, folder.relative_to(output_dir).parts)
+    else:
+        folder.mkdir(parents=True, exist_ok=True)
+        root, parts = folder, ()
     data = metadata_json(meta)
     if lap is not None:
         lap("serialize")
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-telemetry-finalize") as pool:
-        # Writing and fsync wait on the disk without the GIL; the check needs only the CPU.
-        writing = pool.submit(_write_files, folder, data, summary.encode())
-        passed = fast_check(meta, summary)
+    with open_folder(root, parts, create=True) as fd:
+        if fd is None:  # Windows: no dir_fd; the resolved path was checked above, write by path
+            folder.mkdir(parents=True, exist_ok=True)
+        for name in (METADATA_FILE, SUMMARY_FILE):
+            refuse_symlinked_file(name, fd, folder / name)
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="run-telemetry-finalize") as pool:
+            # Writing and fsync wait on the disk without the GIL; the check needs only the CPU.
+            writing = pool.submit(_write_files, folder, data, summary.encode(), fd)
+            passed = fast_check(meta, summary)
+            if lap is not None:
+                lap("check (while writing)")
+            writing.result()
         if lap is not None:
-            lap("check (while writing)")
-        writing.result()
-    if lap is not None:
-        lap("write files (rest)")
-    report = validate_written_run(folder, meta, data, summary, passed=passed)
+            lap("write files (rest)")
+        if fd is not None:
+            _same_folder(folder, fd)
+        report = validate_written_run(folder, meta, data, summary, passed=passed)
     if lap is not None:
         lap("confirm files")
     return report
 
 
-def _write_files(folder: Path, metadata: bytes, summary: bytes) -> None:
-    atomic_write(folder / METADATA_FILE, metadata)
-    atomic_write(folder / SUMMARY_FILE, summary)
+def _same_folder(folder: Path, fd: int) -> None:
+    # The files were written in the opened folder; validation reads them back by path, so that path must still be it.
+    try:
+        by_path = os.stat(folder, follow_symlinks=False)
+    except OSError as exc:
+        raise UnsafePathError(exc.errno, f"{folder} vanished while it was finalized", folder) from exc
+    opened = os.fstat(fd)
+    if (by_path.st_dev, by_path.st_ino) != (opened.st_dev, opened.st_ino):
+        raise UnsafePathError(
+            errno.ELOOP, f"{folder} was replaced while it was finalized; the files were written, not validated", folder
+        )
+
+
+def _write_files(folder: Path, metadata: bytes, summary: bytes, dir_fd: int | None = None) -> None:
+    atomic_write(folder / METADATA_FILE, metadata, dir_fd=dir_fd)
+    atomic_write(folder / SUMMARY_FILE, summary, dir_fd=dir_fd)
+
+
+def read_run_file(output_dir: Path, run_id: str, name: str) -> bytes:
+    """The bytes of a finalized run file (``artifact-metadata.json`` or ``run-summary.txt``), never an outside file.
+
+    The run folder is opened below ``output_dir`` without following symlinks and the file with ``O_NOFOLLOW`` in it.
+    Raises FileNotFoundError when it does not exist, :class:`~telemetry.atomic.UnsafePathError` when a folder on the
+    way leads out of the output folder or the file is a symlink or not a regular file.
+    """
+    if name not in (METADATA_FILE, SUMMARY_FILE):
+        raise ValueError(f"{name!r} is not a run file")
+    folder = run_dir(output_dir, run_id)
+    root, parts = resolve_under(output_dir, folder.relative_to(output_dir).parts)
+    try:
+        with open_folder(root, parts, create=False) as fd:
+            if fd is None:  # Windows: no dir_fd; the resolved folder was checked above
+                refuse_symlinked_file(name, None, folder / name)
+                return (folder / name).read_bytes()
+            try:
+                file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.EMLINK):
+                    refuse_symlinked_file(name, fd, folder / name)
+                raise
+            with os.fdopen(file_fd, "rb") as handle:
+                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                    raise UnsafePathError(errno.EISDIR, f"{folder / name} is not a regular file; not served", folder)
+                return handle.read()
+    except MarkerWriteError as exc:
+        if exc.errno == errno.ENOENT and not isinstance(exc, UnsafePathError):
+            raise FileNotFoundError(errno.ENOENT, str(exc), str(folder)) from exc
+        raise
 
 
 def run_status(row: Mapping[str, Any]) -> str:

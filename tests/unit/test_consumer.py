@@ -206,9 +206,11 @@ def test_forced_copy_on_timeout_copies_newest_matching_files(output: Path, tmp_p
     (scene / "frame_00003_.png.tmp").write_bytes(b"half")
     copy_to = tmp_path / "copy"
     started = time.time()
-    # The frames fixture files were written just before the wait; they count as this run's.
+    # The frames fixture files were written just before; --newer-than makes them this render's however slowly the
+    # process starts (the wait's own start would leave them stale on a loaded machine).
     result = run(
         "wait", "--output-dir", str(output), "--prefix", "scene/frame", "--timeout", "0.3",
+        "--newer-than", f"{started - 60}",
         "--copy-to", str(copy_to), "--stability-seconds", "0.2", "--stability-retries", "3",
     )  # fmt: skip
     assert result.returncode == 3, result.stderr
@@ -227,7 +229,7 @@ def test_forced_copy_on_timeout_copies_newest_matching_files(output: Path, tmp_p
     assert "frame_00003_.png.tmp" not in text and ".frame.done" not in text.split("candidates")[1]
     assert "other_00001_.png" not in text
     assert any(
-        "force-copied 2 matching file(s) after a stable window, all modified since the wait began" in n
+        "force-copied 2 matching file(s) after a stable window, all modified since --newer-than" in n
         and "skipped 1 stale file(s)" in n
         for n in report["FallbackNotes"]
     ), report["FallbackNotes"]

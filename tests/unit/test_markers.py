@@ -252,7 +252,7 @@ def test_reader_process_never_sees_a_partial_marker(tmp_path: Path) -> None:
 def test_reader_process_catches_a_non_atomic_writer(tmp_path: Path) -> None:
     """Control: the same reader does see torn markers from the direct-write fallback, so the test above can fail."""
 
-    def refuse(src: object, dst: object) -> None:
+    def refuse(src: object, dst: object, **dir_fds: object) -> None:
         raise PermissionError(13, "Access is denied")
 
     stats = _read_while_writing(tmp_path, 300, replace=refuse, sleep=lambda _s: None, retries=0)
