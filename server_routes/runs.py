@@ -22,8 +22,8 @@ from ..telemetry.runs import (
     assemble_run,
     finalize_files,
     gc_paused,
+    is_finalized,
     read_run_file,
-    run_dir,
     run_id_problem,
     run_status,
 )
@@ -116,10 +116,8 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
         out = rt.output_dir()
         for row in rows:
             row["Status"] = run_status(row)
-            try:
-                row["Finalized"] = (run_dir(out, row["RunId"]) / METADATA_FILE).exists()
-            except ValueError:  # an id no run folder can have (stored by an older version): listed, never finalized
-                row["Finalized"] = False
+            # False too for an id no run folder can have (stored by an older version): listed, never finalized.
+            row["Finalized"] = is_finalized(out, row["RunId"])
         return web.json_response({"Runs": rows})
 
     @routes.get("/telemetry/runs/{run_id}")

@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 logger = logging.getLogger("run_telemetry.markers")
 
@@ -142,6 +143,38 @@ def open_folder(root: str | os.PathLike[str], parts: Sequence[str], *, create: b
         yield fd
     finally:
         os.close(fd)
+
+
+def open_file_under(root: str | os.PathLike[str], relative: str | os.PathLike[str]) -> BinaryIO:
+    """Open ``root/relative`` for reading, its folders by :func:`open_folder` and the file with ``O_NOFOLLOW``.
+
+    ``relative`` is a path already checked to stay inside ``root`` (symlinks resolved); this open is what keeps it
+    there when a folder or the file is swapped for a symlink meanwhile. Raises FileNotFoundError when something is
+    missing and :class:`UnsafePathError` for a symlink or a file that is not regular. Without ``dir_fd`` (Windows)
+    the path is opened as it is.
+    """
+    rel = Path(relative)
+    if not DIR_FD_SUPPORTED:
+        return open(Path(root) / rel, "rb")  # the caller closes it
+    shown = Path(root) / rel
+    try:
+        with open_folder(root, rel.parent.parts, create=False) as fd:
+            assert fd is not None
+            try:
+                file_fd = os.open(rel.name, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.EMLINK):
+                    refuse_symlinked_file(rel.name, fd, shown)
+                raise
+    except MarkerWriteError as exc:
+        if exc.errno == errno.ENOENT and not isinstance(exc, UnsafePathError):
+            raise FileNotFoundError(errno.ENOENT, str(exc), str(shown)) from exc
+        raise
+    handle = os.fdopen(file_fd, "rb")
+    if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+        handle.close()
+        raise UnsafePathError(errno.EISDIR, f"{shown} is not a regular file: refused", shown)
+    return handle
 
 
 def refuse_symlinked_file(name: str, dir_fd: int | None, shown: Path) -> None:

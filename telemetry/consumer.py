@@ -18,6 +18,7 @@ of them when given (see :func:`select_outputs`); FrameCount is ``--frames`` or, 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import ctypes.util
 import json
@@ -32,11 +33,19 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, BinaryIO, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from .atomic import MarkerWriteError, atomic_write, is_temp_name, remove_stale_temps, temp_name_for
+from .atomic import (
+    MarkerWriteError,
+    UnsafePathError,
+    atomic_write,
+    is_temp_name,
+    open_file_under,
+    remove_stale_temps,
+    temp_name_for,
+)
 from .markers import (
     HASH_CHUNK,
     MARKER_SUFFIXES,
@@ -366,54 +375,69 @@ def verify_outputs(output_dir: Path, outputs: list[OutputFile], *, verify_hash: 
         if entry.missing:
             result.problems.append(f"{label!r} was already missing when the marker was written")
             continue
-        path = Path(os.path.realpath(root / entry.subfolder / entry.filename))
+        try:
+            path = Path(os.path.realpath(root / entry.subfolder / entry.filename))
+        except OSError as exc:  # a folder on the way changed while it was resolved
+            result.problems.append(f"{label!r} could not be resolved: {exc.strerror or exc}")
+            continue
         try:
             relative = path.relative_to(root)
         except ValueError:
             result.problems.append(f"{label!r} points outside the output folder; not checked")
             continue
         try:
-            size = path.stat().st_size
+            # Opened below the output folder without following links (a swap after the check is refused).
+            with open_file_under(root, relative) as handle:
+                size = os.fstat(handle.fileno()).st_size
+                if entry.size_bytes is not None and size != entry.size_bytes:
+                    result.problems.append(f"{label!r} is {size} bytes, the marker says {entry.size_bytes}")
+                    continue
+                if verify_hash:
+                    if entry.sha256 is None:
+                        result.notes.append(f"{label!r} has no Sha256 in the marker; checked its size only")
+                    elif sha256_file(handle) != entry.sha256.lower():
+                        result.problems.append(f"{label!r} does not match the marker's Sha256")
+                        continue
+        except UnsafePathError as exc:
+            result.problems.append(f"{label!r} not checked: {exc}")
+            continue
         except OSError:
             result.problems.append(f"{label!r} does not exist")
             continue
-        if entry.size_bytes is not None and size != entry.size_bytes:
-            result.problems.append(f"{label!r} is {size} bytes, the marker says {entry.size_bytes}")
-            continue
-        if verify_hash:
-            if entry.sha256 is None:
-                result.notes.append(f"{label!r} has no Sha256 in the marker; checked its size only")
-            elif sha256_file(path) != entry.sha256.lower():
-                result.problems.append(f"{label!r} does not match the marker's Sha256")
-                continue
         result.files.append((path, relative))
     return result
 
 
-def copy_atomic(source: Path, destination: Path) -> None:
-    """Copy ``source`` to ``destination`` through a temp file in its folder, so a reader never sees half a copy."""
+def copy_atomic(source: Path | BinaryIO, destination: Path) -> None:
+    """Copy ``source`` (a path, or an open handle) to ``destination`` through a temp file in its folder, so a reader
+    never sees half a copy; the copy keeps the source's modification time."""
     destination.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temps(destination)
     tmp = destination.parent / temp_name_for(destination)
     try:
-        with source.open("rb") as src, tmp.open("xb") as dst:
-            shutil.copyfileobj(src, dst, HASH_CHUNK)
-            dst.flush()
-            os.fsync(dst.fileno())
-        shutil.copystat(source, tmp)
+        with contextlib.ExitStack() as stack:
+            src = stack.enter_context(source.open("rb")) if isinstance(source, Path) else source
+            with tmp.open("xb") as dst:
+                shutil.copyfileobj(src, dst, HASH_CHUNK)
+                dst.flush()
+                os.fsync(dst.fileno())
+            st = os.fstat(src.fileno())
+        os.utime(tmp, ns=(st.st_atime_ns, st.st_mtime_ns))
         os.replace(tmp, destination)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
 
 
-def _copy_all(files: list[tuple[Path, Path]], copy_to: Path) -> tuple[list[str], list[str]]:
+def _copy_all(files: list[tuple[Path, Path]], copy_to: Path, root: Path) -> tuple[list[str], list[str]]:
+    """Copy each (source, path relative to ``root``), the source opened below ``root`` without following links."""
     copied: list[str] = []
     problems: list[str] = []
     for source, relative in files:
         destination = copy_to / relative
         try:
-            copy_atomic(source, destination)
+            with open_file_under(root, relative) as handle:
+                copy_atomic(handle, destination)
         except OSError as exc:
             problems.append(f"could not copy {source} to {destination}: {exc.strerror or exc}")
             continue
@@ -607,16 +631,16 @@ def forced_copy(
             Bytes=candidate.size,
             ModifiedAt=_utc_ns(candidate.mtime_ns),
         )
-        real = Path(os.path.realpath(candidate.path))
         try:
+            real = Path(os.path.realpath(candidate.path))
             relative = real.relative_to(root)
-        except ValueError:
+        except (OSError, ValueError):
             entries.append(
                 entry.model_copy(update={"action": "skipped", "reason": "it leads outside the output folder"})
             )
             continue
         destination = copy_to / relative
-        done, trouble = _copy_all([(real, relative)], copy_to)
+        done, trouble = _copy_all([(real, relative)], copy_to, root)
         if trouble:
             problems += trouble
             entries.append(entry.model_copy(update={"action": "failed", "reason": trouble[0]}))
@@ -819,7 +843,7 @@ def wait_command(args: argparse.Namespace) -> int:
         return EXIT_FAILED
     if copy_to is not None:
         # Only what the marker lists for this render: earlier takes beside it are not copied.
-        report.copied, copy_problems = _copy_all(check.files, copy_to)
+        report.copied, copy_problems = _copy_all(check.files, copy_to, Path(os.path.realpath(output_dir)))
         if copy_problems:
             report.problems += copy_problems
             report.status = "copy-failed"

@@ -20,7 +20,7 @@ import os
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, BinaryIO, Literal
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_serializer
 
@@ -30,6 +30,7 @@ from .atomic import (
     MarkerWriteError,
     UnsafePathError,
     atomic_write,
+    open_file_under,
     open_folder,
     remove_stale_temps,
 )
@@ -184,12 +185,18 @@ def _within(path: Path, root: Path) -> bool:
     return True
 
 
-def sha256_file(path: Path) -> str:
-    """The hex sha256 of a file, read in 1 MiB chunks."""
+def sha256_file(path: Path | BinaryIO) -> str:
+    """The hex sha256 of a file (a path, or a handle read from where it stands), read in 1 MiB chunks."""
+    if not isinstance(path, Path | str):
+        return _sha256_handle(path)
+    with Path(path).open("rb") as handle:
+        return _sha256_handle(handle)
+
+
+def _sha256_handle(handle: BinaryIO) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        while chunk := handle.read(HASH_CHUNK):
-            digest.update(chunk)
+    while chunk := handle.read(HASH_CHUNK):
+        digest.update(chunk)
     return digest.hexdigest()
 
 
@@ -219,14 +226,21 @@ def describe_outputs(
             logger.warning("cannot measure output %r: no folder known for type %r", entry.filename, entry.folder_type)
             described.append(entry.model_copy(update={"missing": True}))
             continue
-        path = Path(os.path.realpath(root / entry.subfolder / entry.filename))
+        try:
+            path = Path(os.path.realpath(root / entry.subfolder / entry.filename))
+        except OSError as exc:  # a folder on the way changed while it was resolved
+            logger.warning("output %r/%r could not be resolved: %s", entry.subfolder, entry.filename, exc)
+            described.append(entry.model_copy(update={"missing": True}))
+            continue
         if not _within(path, root):
             logger.warning("output %r/%r leaves its folder %s; not measured", entry.subfolder, entry.filename, root)
             described.append(entry.model_copy(update={"missing": True}))
             continue
         try:
-            size = path.stat().st_size
-            digest = sha256_file(path) if sha256 else None
+            # Opened below the root without following links: a swap after the check cannot measure an outside file.
+            with open_file_under(root, path.relative_to(root)) as handle:
+                size = os.fstat(handle.fileno()).st_size
+                digest = sha256_file(handle) if sha256 else None
         except OSError as exc:
             logger.warning("output %s is missing or unreadable: %s", path, exc)
             described.append(entry.model_copy(update={"missing": True}))

@@ -24,7 +24,14 @@ from typing import Any
 import pydantic_core
 
 from . import __version__
-from .atomic import MarkerWriteError, UnsafePathError, atomic_write, open_folder, refuse_symlinked_file
+from .atomic import (
+    MarkerWriteError,
+    UnsafePathError,
+    atomic_write,
+    open_file_under,
+    open_folder,
+    refuse_symlinked_file,
+)
 from .contract import telemetry_block
 from .models import LLMHealthInfo, Story
 from .paths import resolve_under
@@ -400,6 +407,17 @@ def _same_folder(folder: Path, fd: int) -> None:
 def _write_files(folder: Path, metadata: bytes, summary: bytes, dir_fd: int | None = None) -> None:
     atomic_write(folder / METADATA_FILE, metadata, dir_fd=dir_fd)
     atomic_write(folder / SUMMARY_FILE, summary, dir_fd=dir_fd)
+
+
+def is_finalized(output_dir: Path, run_id: str) -> bool:
+    """Whether the run's ``artifact-metadata.json`` is a regular file inside the output folder (links not followed)."""
+    folder = run_dir(output_dir, run_id)
+    try:
+        root, parts = resolve_under(output_dir, folder.relative_to(output_dir).parts)
+        with open_file_under(root, Path(*parts, METADATA_FILE)):
+            return True
+    except (OSError, ValueError):
+        return False
 
 
 def read_run_file(output_dir: Path, run_id: str, name: str) -> bytes:

@@ -86,6 +86,8 @@ def test_finalize_and_file_routes_refuse_a_run_folder_leading_out(
             status, served = comfy.request("GET", f"/telemetry/runs/{run_id}/{name}")
             assert status == 403, (status, served)
             assert "planted" not in json.dumps(served) and str(link) in served["error"]
+        runs = {r["RunId"]: r for r in comfy.get("/telemetry/runs")["Runs"]}
+        assert runs[run_id]["Finalized"] is False  # the planted outside file does not count
         assert tree(outside) == before
     # With the link gone the same run finalizes normally, inside the output folder.
     status, body = comfy.request("POST", f"/telemetry/runs/{run_id}/finalize", {})

@@ -143,3 +143,47 @@ def test_a_symlink_that_stays_inside_is_followed_for_folders(places: tuple[Path,
     assert report is not None
     assert (out / "real-telemetry" / "runs" / "r3" / METADATA_FILE).is_file()
     assert read_run_file(out, "r3", SUMMARY_FILE) == b"summary\n"
+
+
+def test_consumer_never_copies_or_measures_an_outside_file_while_the_folder_is_swapped(
+    places: tuple[Path, Path], tmp_path: Path
+) -> None:
+    """``wait --copy-to``'s verify-and-copy and the marker's measuring, 300 times while a real process swaps the
+    output sub-folder for a link to an outside folder holding a same-named secret: the secret is never copied or
+    measured (before, both followed the path after checking it, and copied the secret)."""
+    from telemetry.consumer import _copy_all, verify_outputs
+    from telemetry.markers import describe_outputs
+
+    out, outside = places
+    (out / "race").mkdir()
+    (out / "race" / "frame_1.png").write_bytes(b"the real frame")
+    (outside / "frame_1.png").write_bytes(b"SECRET from outside, longer")
+    entry = describe_outputs(out, [{"filename": "frame_1.png", "subfolder": "race", "type": "output"}], sha256=False)
+    stop = tmp_path / "stop"
+    swapper = subprocess.Popen(
+        [sys.executable, str(HELPERS / "swap_dir.py"), str(out / "race"), str(outside), str(stop), "2000000", "60"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    copied = measured = 0
+    try:
+        assert swapper.stdout is not None
+        assert swapper.stdout.readline().strip() == "ready"
+        for i in range(300):
+            copy_to = tmp_path / f"copy-{i}"
+            check = verify_outputs(out, entry, verify_hash=False)
+            done, _ = _copy_all(check.files, copy_to, out.resolve())
+            for path in done:
+                assert Path(path).read_bytes() == b"the real frame", f"copy {i} took the outside file"
+                copied += 1
+            (measure,) = describe_outputs(
+                out, [{"filename": "frame_1.png", "subfolder": "race", "type": "output"}], sha256=True
+            )
+            if not measure.missing:
+                assert measure.size_bytes == len(b"the real frame"), f"measure {i} read the outside file"
+                measured += 1
+    finally:
+        stop.touch()
+        swapper.communicate(timeout=60)
+    print(f"\n{copied} copies and {measured} measurements of 300 went through; none reached outside")
+    assert copied > 0 and measured > 0
