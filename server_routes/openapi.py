@@ -110,6 +110,13 @@ def build_openapi(version: str) -> dict[str, Any]:
                 },
             }
         },
+        "/telemetry/webhooks": {
+            "get": {
+                "summary": "Webhook endpoints (secrets never shown), delivered / pending / given-up counts, last error "
+                "per endpoint, recent given-up deliveries",
+                "responses": {"200": _ok("Webhook status"), "503": _ERROR},
+            }
+        },
         "/telemetry/schema": {
             "get": {"summary": "JSON Schema of artifact-metadata.json", "responses": {"200": _ok("Schema")}}
         },
