@@ -95,7 +95,8 @@ class Receiver:
         self._stop = asyncio.Event()
         app = web.Application()
         app.router.add_post("/hook", self._handle)
-        runner = web.AppRunner(app, handle_signals=False)
+        # Handlers are cancelled when the client goes away, so ``in_flight`` counts open connections.
+        runner = web.AppRunner(app, handle_signals=False, handler_cancellation=True)
         loop.run_until_complete(runner.setup())
         if not self.port:
             self.port = free_port()
