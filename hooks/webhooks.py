@@ -71,12 +71,17 @@ def install_webhooks(rt: Runtime, server: Any) -> None:
     targets: RunTargets = rt.webhook_targets
     server.add_on_prompt_handler(lambda json_data: take_secret(json_data, targets))
 
-    def register_run_endpoints(rec: PromptRecord, prompt: Mapping[str, Any]) -> None:
-        """At start (prompt worker): take the ``webhook`` tag out of the record; remember its endpoints."""
+    def register_run_endpoints(rec: PromptRecord, *_: Any) -> None:
+        """Take the ``webhook`` tag out of the record (it is stored and shown); remember its endpoints.
+
+        At acceptance (aiohttp's thread), and at start (prompt worker) when the queue hook is off.
+        """
         raw = rec.Tags.pop(TAG, None)
         if raw is not None:
             targets.register(rec.PromptId, rec.RunId, raw)
 
+    if hasattr(rt.recorder, "add_accept_hook"):
+        rt.recorder.add_accept_hook(register_run_endpoints)
     rt.recorder.add_start_hook(register_run_endpoints)
     seen: dict[tuple[str, str | None], None] = {}
 

@@ -72,7 +72,10 @@ class PromptEndedData(_Model):
     """``prompt.ended``: one prompt reached a final outcome; its markers are on disk and its record is stored."""
 
     PromptId: str
-    Outcome: Literal["success", "error", "interrupted", "crashed"]
+    Outcome: Literal["success", "error", "interrupted", "crashed", "cancelled", "lost"] = Field(
+        description="crashed: cut off by a stop while it ran; cancelled: removed from the queue before it ran; "
+        "lost: still queued when ComfyUI stopped (crashed and lost are announced at the next start)."
+    )
     RunId: str | None = None
     SceneId: str | None = None
     Attempt: int = Field(default=1, ge=1)

@@ -206,6 +206,31 @@ def test_run_webhook_gets_its_prompts_and_the_finalize_and_its_secret_stays_hidd
         mine.stop()
 
 
+def test_a_prompt_cancelled_in_the_queue_is_announced(server: ComfyServer, receiver: Receiver, tmp_path: Path) -> None:
+    started = tmp_path / "started"
+    blocker = server.queue(
+        wf.with_sleep(wf.frames(uniq("blocker"), count=1, size=8, marker=False), 120, started_file=str(started))
+    )
+    wait_until(started.exists, 60, what="the blocking prompt to start", interval=0.02)
+    try:
+        hook = {"webhook": {"url": receiver.url, "secret": RUN_SECRET}}
+        pid = server.queue(wf.frames(uniq("cancel") + "/frame", count=1, size=8), extra_data={"telemetry": hook})
+        queued = server.get(f"/telemetry/prompts/{pid}")
+        assert queued["Outcome"] == "queued"
+        assert "webhook" not in queued.get("Tags", {}) and RUN_SECRET not in json.dumps(queued)
+        server.request("POST", "/queue", {"delete": [pid]})
+        data = wait_ended(receiver, pid).json()["Data"]
+        assert data["Outcome"] == "cancelled"
+        # Once per receiver: the run's URL is the environment's here, each with its own secret.
+        signatures = {r.headers["X-Run-Telemetry-Signature"]: r for r in ended(receiver, pid)}
+        assert {verify(RUN_SECRET, r.body, sig) or verify(SECRET, r.body, sig) for sig, r in signatures.items()} == {
+            True
+        }
+    finally:
+        server.interrupt()
+        wait_record(server, blocker)
+
+
 @pytest.mark.parametrize(
     ("hook", "parameter"),
     [
