@@ -2,7 +2,8 @@
 
 - :mod:`.config`: endpoints and events from the environment and from a run's ``extra_data.telemetry.webhook``;
 - :mod:`.events`: the event bodies (pydantic models with committed JSON Schemas) and the HMAC-SHA256 signature;
-- :mod:`.delivery`: the outbox in the store and the delivery thread (:class:`WebhookService`);
+- :mod:`.outbox`: a delivery, per-endpoint counts, the store methods the outbox needs, the retry schedule;
+- :mod:`.delivery`: the delivery thread and its outbox (:class:`WebhookService`);
 - :mod:`.targets`: a run's own endpoints, in memory.
 """
 

@@ -24,17 +24,16 @@ import time
 import uuid
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
-from email.utils import parsedate_to_datetime
-from typing import Any, Protocol
+from typing import Any
 
 from ..records import iso
-from .config import Endpoint, RetryPolicy, WebhookConfig, display_url
+from .config import EVENTS, Endpoint, WebhookConfig, display_url
 from .events import event_body, sign
+from .outbox import Delivery, EndpointStats, OutboxStore, parse_retry_after, retry_delay
 
 logger = logging.getLogger("run_telemetry.webhooks")
 
-__all__ = ["Delivery", "OutboxStore", "WebhookService", "parse_retry_after", "retry_delay"]
+__all__ = ["REASONS", "WebhookService"]
 
 GIVEN_UP_SHOWN = 50
 GIVEN_UP_KEPT = 200  # given-up rows the store keeps (for GET /telemetry/webhooks after a restart)
@@ -55,90 +54,6 @@ REASONS: tuple[str, ...] = (
     "outbox_full",
     "other",
 )
-
-
-class OutboxStore(Protocol):
-    """The store's outbox methods (``telemetry.store.Store``)."""
-
-    def outbox_add(self, row: dict[str, Any]) -> None: ...
-    def outbox_update(
-        self, delivery_id: str, *, attempts: int, next_at: float, last_error: str | None, state: str = ...
-    ) -> None: ...
-    def outbox_delete(self, delivery_id: str) -> None: ...
-    def outbox_pending(self, limit: int) -> list[dict[str, Any]]: ...
-    def outbox_given_up(self, limit: int) -> list[dict[str, Any]]: ...
-    def outbox_prune(self, *, pending: int, given_up: int) -> int: ...
-
-
-@dataclass
-class Delivery:
-    """One event to one endpoint, tried until delivered or given up."""
-
-    delivery_id: str
-    event: str
-    url: str
-    body: bytes
-    signature: str | None
-    created_at: float
-    attempts: int = 0
-    next_at: float = 0.0
-    last_error: str | None = None
-    persisted: bool = True
-    in_flight: bool = False
-
-
-@dataclass
-class _EndpointStats:
-    source: str
-    delivered: int = 0
-    given_up: int = 0
-    failed_tries: int = 0
-    pending: int = 0
-    failing: bool = False
-    last_error: str | None = None
-    last_error_at: float | None = None
-    last_delivered_at: float | None = None
-    used_at: float = field(default_factory=time.time)
-
-    def view(self, url: str) -> dict[str, Any]:
-        return {
-            "Url": display_url(url),
-            "Source": self.source,
-            "Delivered": self.delivered,
-            "Pending": self.pending,
-            "GivenUp": self.given_up,
-            "FailedTries": self.failed_tries,
-            "Failing": self.failing,
-            "LastError": self.last_error,
-            "LastErrorAt": iso(self.last_error_at),
-            "LastDeliveredAt": iso(self.last_delivered_at),
-        }
-
-
-def retry_delay(policy: RetryPolicy, attempts: int, rng: random.Random, retry_after: float | None = None) -> float:
-    """Seconds to wait after ``attempts`` failed tries: exponential with jitter, at least ``retry_after``.
-
-    Computed here rather than by a retry library because the schedule has to outlive the process: the next try's
-    time is stored in the outbox row, and a library's in-memory retry loop cannot resume after a restart.
-    """
-    ceiling = min(policy.max_delay_seconds, policy.base_seconds * 2 ** max(0, attempts - 1))
-    delay = rng.uniform(ceiling / 2, ceiling)
-    if retry_after is not None:
-        delay = max(delay, min(retry_after, policy.max_delay_seconds))
-    return delay
-
-
-def parse_retry_after(value: str | None, now: float) -> float | None:
-    """Seconds a ``Retry-After`` header asks for (delta-seconds or an HTTP date), or ``None``."""
-    if not value:
-        return None
-    value = value.strip()
-    if value.isdigit():
-        return float(value)
-    try:
-        return max(0.0, parsedate_to_datetime(value).timestamp() - now)
-    except (TypeError, ValueError, IndexError, OverflowError):
-        return None
 
 
 def _short(text: str) -> str:
@@ -170,7 +85,8 @@ class WebhookService:
         self._pending: OrderedDict[str, Delivery] = OrderedDict()  # oldest first
         self._heap: list[tuple[float, int, str]] = []
         self._seq = itertools.count()
-        self._stats: dict[str, _EndpointStats] = {e.url: _EndpointStats(e.source) for e in config.endpoints}
+        self._env_by_event = {event: [e for e in config.endpoints if event in e.events] for event in EVENTS}
+        self._stats: dict[str, EndpointStats] = {e.url: EndpointStats(e.source) for e in config.endpoints}
         self._given_up: deque[dict[str, Any]] = deque(maxlen=GIVEN_UP_SHOWN)
         self.notes: list[str] = []
         self._observers: list[Observer] = []
@@ -193,6 +109,8 @@ class WebhookService:
 
     def endpoints_for(self, event: str, extra: Iterable[Endpoint] = ()) -> list[Endpoint]:
         """The environment's endpoints for ``event`` plus ``extra`` ones (a run's), each URL once."""
+        if not extra:  # the common case, on the writer thread once per prompt: precomputed
+            return self._env_by_event.get(event, [])
         seen: dict[tuple[str, str | None], Endpoint] = {}
         for ep in (*self.config.endpoints, *extra):
             if event in ep.events:
@@ -581,7 +499,7 @@ class WebhookService:
             "Reason": row["last_error"],
         }
 
-    def _stats_for(self, url: str, source: str) -> _EndpointStats:
+    def _stats_for(self, url: str, source: str) -> EndpointStats:
         """The stats of ``url`` (caller holds the lock); at most MAX_ENDPOINT_STATS, idle run URLs dropped first."""
         stats = self._stats.get(url)
         if stats is None:
@@ -589,7 +507,7 @@ class WebhookService:
                 idle = [u for u, s in self._stats.items() if s.pending == 0 and s.source != "environment"]
                 for u in sorted(idle, key=lambda u: self._stats[u].used_at)[: max(1, len(idle) // 2)]:
                     del self._stats[u]
-            stats = self._stats[url] = _EndpointStats(source)
+            stats = self._stats[url] = EndpointStats(source)
         stats.used_at = time.time()
         return stats
 

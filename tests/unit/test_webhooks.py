@@ -18,8 +18,8 @@ from telemetry.records import MarkerState, PromptError, PromptRecord
 from telemetry.store import Store
 from telemetry.webhooks import WebhookService, config_from_env, prompt_ended_data, run_webhook_problem, verify
 from telemetry.webhooks.config import RetryPolicy, WebhookConfig
-from telemetry.webhooks.delivery import parse_retry_after, retry_delay
 from telemetry.webhooks.events import EVENT_MODELS, event_body, event_schema_drift, schema_path
+from telemetry.webhooks.outbox import parse_retry_after, retry_delay
 from tests.receiver import Receiver
 
 SECRET = "s3cret-\u00e9"
