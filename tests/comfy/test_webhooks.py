@@ -252,6 +252,9 @@ def test_bad_run_webhook_is_refused_naming_the_field(server: ComfyServer, hook: 
 
 
 def test_a_receiver_sleeping_10_s_does_not_delay_done_markers(server: ComfyServer) -> None:
+    # A first prompt on a fresh server takes 1-3 s from execution_success to its marker with or without webhooks
+    # (warm-up on this shared 2-core machine): not what this test measures.
+    wait_record(server, server.queue(wf.frames(uniq("warm") + "/frame", count=1, size=8)))
     slow = Receiver(sleep=10.0).start()
     try:
         prefixes = [uniq("slow") + "/frame" for _ in range(4)]
@@ -264,7 +267,7 @@ def test_a_receiver_sleeping_10_s_does_not_delay_done_markers(server: ComfyServe
         assert any(r.answered is None for r in slow.requests), "a notice came back before the markers were checked"
         waits = [r["Markers"][0]["WaitSeconds"] for r in records]
         print(f"marker waits with a 10 s receiver: {waits}")
-        assert max(waits) < 2.0, waits  # execution_success -> .done; the 10 s are nowhere in it
+        assert max(waits) < 5.0, waits  # execution_success -> .done: had it waited on a notice, >= 10 s
     finally:
         slow.stop()
 
