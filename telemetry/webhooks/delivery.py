@@ -219,7 +219,15 @@ class WebhookService:
             loop.run_until_complete(main)
         except asyncio.CancelledError:
             pass
+        except Exception as exc:  # a bug: say so where people look, pending deliveries stay in the outbox
+            logger.exception("Run Telemetry: the webhook delivery thread stopped")
+            self._note(
+                f"the webhook delivery thread stopped ({type(exc).__name__}: {exc}); pending deliveries are sent "
+                "after the next start"
+            )
         finally:
+            with self._lock:
+                self._loop = None  # later events wait in the bounded buffer instead of a closed loop
             with contextlib.suppress(Exception):
                 if self._session is not None:
                     loop.run_until_complete(self._session.close())
@@ -399,6 +407,9 @@ class WebhookService:
             self._failed(d, _short(f"{type(exc).__name__}: {exc}"), True, None, "other")
         finally:
             d.in_flight = False
+            stats = self._stats.get(d.url)
+            if (stats is None or stats.pending == 0) and not sem.locked():
+                self._sems.pop(d.url, None)  # one per URL with deliveries: run URLs come and go
 
     # --- outcomes (delivery thread) ---
 
