@@ -354,7 +354,7 @@ class WebhookService:
                         due.append(d)
                 wait = self._heap[0][0] - now if self._heap else None
             for d in due:
-                task = asyncio.get_running_loop().create_task(self._attempt(d))
+                task = d.task = asyncio.get_running_loop().create_task(self._attempt(d))
                 self._tasks.add(task)
                 task.add_done_callback(self._tasks.discard)
             self._wake.clear()
@@ -373,6 +373,7 @@ class WebhookService:
             async with sem:
                 if d.delivery_id not in self._pending:
                     return  # given up (outbox full) while it waited for a connection
+                d.sending = True
                 d.attempts += 1
                 headers = {
                     "Content-Type": "application/json",
@@ -406,7 +407,8 @@ class WebhookService:
             logger.exception("Run Telemetry: webhook delivery %s failed unexpectedly", d.delivery_id)
             self._failed(d, _short(f"{type(exc).__name__}: {exc}"), True, None, "other")
         finally:
-            d.in_flight = False
+            d.in_flight = d.sending = False
+            d.task = None
             stats = self._stats.get(d.url)
             if (stats is None or stats.pending == 0) and not sem.locked():
                 self._sems.pop(d.url, None)  # one per URL with deliveries: run URLs come and go
@@ -460,6 +462,10 @@ class WebhookService:
 
     def _give_up(self, d: Delivery, reason: str, kind: str) -> None:
         now = self._clock()
+        if d.task is not None and d.task is not asyncio.current_task():
+            # Given up from outside its own try (outbox full): stop waiting for a connection or for the receiver now,
+            # so tasks and connections stay bounded by the outbox, not by how many events came.
+            d.task.cancel()
         if d.persisted:
             self._store_call(
                 "update",

@@ -41,7 +41,9 @@ class Delivery:
     next_at: float = 0.0
     last_error: str | None = None
     persisted: bool = True
-    in_flight: bool = False
+    in_flight: bool = False  # a task is scheduled for it
+    sending: bool = False  # that task holds one of the endpoint's connections
+    task: Any = field(default=None, repr=False, compare=False)
 
 
 @dataclass

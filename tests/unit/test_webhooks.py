@@ -280,6 +280,13 @@ def test_outbox_is_bounded_oldest_given_up_first(services: list, tmp_path: Path)
         assert rec.max_in_flight == cfg.concurrency_per_endpoint  # never more connections than the bound
         kept = {json.loads(r["body"])["Data"]["PromptId"] for r in store.outbox_pending(100)}
         assert kept == {f"p{i}" for i in range(15, 20)}  # the newest stay
+        for i in range(500):  # a flood: what the service holds stays bounded by the outbox, not by the events
+            svc.emit("prompt.ended", prompt_ended_data(record(f"q{i}")))
+        wait_until(lambda: svc.status()["GivenUp"] == 515, 30, what="the flood to be given up but 5")
+        assert svc.pending_count() == 5
+        wait_until(lambda: len(svc._tasks) <= 5, 10, what="the given-up deliveries' tasks to end")
+        assert len(svc._heap) <= 2 * cfg.outbox_max + 64 and len(svc._sems) == 1
+        assert rec.max_in_flight == cfg.concurrency_per_endpoint
     finally:
         rec.stop()
 
