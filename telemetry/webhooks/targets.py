@@ -49,8 +49,12 @@ class RunTargets:
         with self._lock:
             self._put(self._prompts, prompt_id, endpoints)
             if run_id:
-                known = {(e.url, e.secret): e for e in self._runs.get(run_id, ())}
-                known.update({(e.url, e.secret): e for e in endpoints})
+                # One endpoint per URL in a run: a later prompt naming the URL without a secret (or the same one)
+                # keeps the signed endpoint instead of adding an unsigned twin.
+                known = {e.url: e for e in self._runs.get(run_id, ())}
+                for e in endpoints:
+                    if e.secret or e.url not in known:
+                        known[e.url] = e
                 self._put(self._runs, run_id, tuple(known.values()))
         return endpoints
 

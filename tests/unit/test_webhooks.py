@@ -16,7 +16,14 @@ import pytest
 from harness.comfy import free_port, wait_until
 from telemetry.records import MarkerState, PromptError, PromptRecord
 from telemetry.store import Store
-from telemetry.webhooks import WebhookService, config_from_env, prompt_ended_data, run_webhook_problem, verify
+from telemetry.webhooks import (
+    RunTargets,
+    WebhookService,
+    config_from_env,
+    prompt_ended_data,
+    run_webhook_problem,
+    verify,
+)
 from telemetry.webhooks.config import RetryPolicy, WebhookConfig
 from telemetry.webhooks.events import EVENT_MODELS, event_body, event_schema_drift, schema_path
 from telemetry.webhooks.outbox import parse_retry_after, retry_delay
@@ -111,6 +118,19 @@ def test_env_without_secret_is_noted_and_without_url_is_silent() -> None:
 def test_run_webhook_problems_name_the_field(raw: Any, field: str) -> None:
     problem = run_webhook_problem(raw)
     assert problem is not None and problem[0] == field, problem
+
+
+def test_a_run_keeps_one_endpoint_per_url_and_its_secret() -> None:
+    targets = RunTargets()
+    targets.park_secret("p1", "k1")
+    targets.register("p1", "run", {"url": "http://a/x, http://b/y"})
+    targets.register("p2", "run", {"url": "http://a/x"})  # a later prompt of the run, no secret
+    targets.register("p3", None, {"url": "http://c/z"})
+    by_url = {e.url: e for e in targets.for_run("run")}
+    assert sorted(by_url) == ["http://a/x", "http://b/y"] and by_url["http://a/x"].secret == "k1"
+    assert targets.for_prompt("p2", "run") == targets.for_run("run")
+    assert [e.url for e in targets.for_prompt("p3", None)] == ["http://c/z"]
+    assert targets.for_prompt("p3", None)[0].secret is None and targets.for_run("other") == ()
 
 
 def test_run_webhook_accepts_lists_and_comma_separated_text() -> None:
