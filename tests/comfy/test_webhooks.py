@@ -206,6 +206,27 @@ def test_run_webhook_gets_its_prompts_and_the_finalize_and_its_secret_stays_hidd
         mine.stop()
 
 
+def test_a_retried_scene_reaches_the_run_webhook_once_per_attempt(server: ComfyServer) -> None:
+    mine = Receiver().start()
+    try:
+        run = uniq("retried")
+        tags = {"run_id": run, "scene_id": "1", "webhook": {"url": mine.url, "secret": RUN_SECRET}}
+        first = server.queue(
+            wf.with_raise(wf.frames(uniq("again") + "/frame", count=1, size=8), "flaky"), extra_data={"telemetry": tags}
+        )
+        rec = wait_record(server, first)
+        assert rec["RetriedBy"], rec  # the default budget requeues once
+        second = wait_record(server, rec["RetriedBy"])
+        a, b = wait_ended(mine, first), wait_ended(mine, second["PromptId"])
+        assert a.json()["Data"]["RetriedBy"] == second["PromptId"]
+        assert b.json()["Data"]["Attempt"] == 2 and b.json()["Data"]["RetryOf"] == first
+        for req in (a, b):
+            assert verify(RUN_SECRET, req.body, req.headers["X-Run-Telemetry-Signature"])
+        assert len(mine.events("prompt.ended")) == 2  # one delivery per attempt, no unsigned twin
+    finally:
+        mine.stop()
+
+
 def test_a_prompt_cancelled_in_the_queue_is_announced(server: ComfyServer, receiver: Receiver, tmp_path: Path) -> None:
     started = tmp_path / "started"
     blocker = server.queue(
