@@ -100,6 +100,9 @@ def install_webhooks(rt: Runtime, server: Any) -> None:
             service.emit("prompt.ended", prompt_ended_data(rec), extra=extra)
 
     rt.recorder.add_listener(prompt_ended)
+    health = getattr(rt, "health_listeners", None)  # the health monitor's listeners, where the runtime has one
+    if isinstance(health, list):
+        health.append(health_listener(rt))
     if service.config.endpoints or _outbox_has_rows(rt):
         service.start()
     cut_off = list(getattr(rt, "cut_off", None) or ())
@@ -122,9 +125,31 @@ def _outbox_has_rows(rt: Runtime) -> bool:
         return True
 
 
-def emit_health_changed(rt: Any, state: str, previous: str | None, reasons: list[str] | None = None) -> int:
-    """Queue ``health.changed`` (the health route calls this when its state changes); returns endpoints queued."""
+def emit_health_changed(
+    rt: Any,
+    state: str,
+    previous: str | None,
+    reasons: list[str] | None = None,
+    checks: list[Mapping[str, Any]] | None = None,
+) -> int:
+    """Queue ``health.changed`` (call it when the health state changes); returns how many endpoints it goes to."""
     service: WebhookService | None = getattr(rt, "webhooks", None)
     if service is None:
         return 0
-    return service.emit("health.changed", {"State": state, "Previous": previous, "Reasons": list(reasons or [])})
+    data = {"State": state, "Previous": previous, "Reasons": list(reasons or []), "Checks": list(checks or [])}
+    return service.emit("health.changed", data)
+
+
+def health_listener(rt: Any) -> Any:
+    """A health listener ``fn(previous report or None, report)`` sending ``health.changed``.
+
+    Reports are ``{"Status", "Checks": [{"Name", "Status", "Detail", "Since"}], ...}`` (GET /telemetry/health).
+    """
+
+    def on_health(previous: Mapping[str, Any] | None, report: Mapping[str, Any]) -> None:
+        checks = [dict(c) for c in report.get("Checks") or [] if isinstance(c, Mapping)]
+        reasons = [f"{c.get('Name')}: {c.get('Detail')}" for c in checks if c.get("Status") != "ok"]
+        before = previous.get("Status") if isinstance(previous, Mapping) else None
+        emit_health_changed(rt, str(report.get("Status")), before, reasons, checks)
+
+    return on_health

@@ -103,12 +103,22 @@ class RunFinalizedData(_Model):
     Scenes: int = Field(ge=0)
 
 
+class HealthCheckView(_Model):
+    """One check of the health report."""
+
+    Name: str
+    Status: str
+    Detail: str | None = None
+    Since: str | None = Field(default=None, description="When the check left ok, ISO 8601 UTC.")
+
+
 class HealthChangedData(_Model):
     """``health.changed``: the worker's health state (as ``GET /telemetry/health`` reports it) changed."""
 
-    State: str = Field(description="The new state, in the health route's words.")
-    Previous: str | None = Field(default=None, description="The state before, or null at start.")
-    Reasons: list[str] = Field(default_factory=list, description="Why the state is what it is.")
+    State: str = Field(description="The new state, in the health route's words (ok, degraded, down).")
+    Previous: str | None = Field(default=None, description="The state before, or null for the first report.")
+    Reasons: list[str] = Field(default_factory=list, description="'<check>: <detail>' of every check not ok.")
+    Checks: list[HealthCheckView] = Field(default_factory=list, description="Every check of the report.")
 
 
 class _Envelope(_Model):

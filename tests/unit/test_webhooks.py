@@ -27,6 +27,7 @@ from telemetry.webhooks import (
 from telemetry.webhooks.config import RetryPolicy, WebhookConfig
 from telemetry.webhooks.events import EVENT_MODELS, event_body, event_schema_drift, schema_path
 from telemetry.webhooks.outbox import parse_retry_after, retry_delay
+from tests.pkg import sub
 from tests.receiver import Receiver
 
 SECRET = "s3cret-\u00e9"
@@ -327,3 +328,34 @@ def test_a_pending_delivery_survives_a_restart(services: list, tmp_path: Path) -
         assert verify(SECRET, rec.requests[0].body, rec.requests[0].headers["X-Run-Telemetry-Signature"])
     finally:
         rec.stop()
+
+
+def test_a_health_report_change_becomes_health_changed(receiver: Receiver, services: list) -> None:
+    hooks = sub("hooks.webhooks")
+    svc = service(services, config(receiver.url))
+
+    class Rt:
+        webhooks = svc
+
+    report = {
+        "Status": "degraded",
+        "Checks": [
+            {
+                "Name": "store",
+                "Status": "degraded",
+                "Detail": "memory only: disk full",
+                "Since": "2026-11-29T18:00:00Z",
+            },
+            {"Name": "prompt_worker", "Status": "ok", "Detail": "alive", "Since": None},
+        ],
+        "CheckedAt": "2026-11-29T18:00:01Z",
+    }
+    hooks.health_listener(Rt())({"Status": "ok", "Checks": []}, report)
+    wait_until(lambda: receiver.events("health.changed"), 20, what="health.changed")
+    (req,) = receiver.events("health.changed")
+    body = req.json()
+    jsonschema.validate(body, json.loads(schema_path("health.changed").read_text()))
+    assert body["Data"]["State"] == "degraded" and body["Data"]["Previous"] == "ok"
+    assert body["Data"]["Reasons"] == ["store: memory only: disk full"]
+    assert [c["Name"] for c in body["Data"]["Checks"]] == ["store", "prompt_worker"]
+    assert verify(SECRET, req.body, req.headers["X-Run-Telemetry-Signature"])
