@@ -400,7 +400,8 @@ class WebhookService:
                     error, retryable, kind = f"timed out after {self.config.timeout_seconds:g} s", True, "timeout"
                 except aiohttp.ClientError as exc:
                     error, retryable, kind = f"{type(exc).__name__}: {exc}", True, "connection"
-                self._failed(d, _short(error), retryable, retry_after, kind)
+                # An error text may quote the URL, user info and query included: show it as routes show URLs.
+                self._failed(d, _short(error.replace(d.url, display_url(d.url))), retryable, retry_after, kind)
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug here must not stop other deliveries; the delivery is retried
