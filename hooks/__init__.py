@@ -54,6 +54,7 @@ def install() -> runtime.Runtime | None:
             ("routes", lambda: _add_routes(server, rt)),
             ("finishers", lambda: _add_finishers(rt)),
             ("runs", lambda: _add_runs(rt, server)),
+            ("webhooks", lambda: _add_webhooks(rt, server)),
             # Last: the finishers, runs and routes (waiters, metrics) must see these records end.
             ("lost prompts", rt.finish_lost),
         ):
@@ -118,6 +119,12 @@ def _add_runs(rt: runtime.Runtime, server: Any) -> None:
     from .runs import install_runs
 
     install_runs(rt, server)
+
+
+def _add_webhooks(rt: runtime.Runtime, server: Any) -> None:
+    from .webhooks import install_webhooks
+
+    install_webhooks(rt, server)
 
 
 def on_prompt(json_data: Any) -> Any:

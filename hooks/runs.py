@@ -16,6 +16,7 @@ from ..telemetry.policy import apply_overrides
 from ..telemetry.records import PromptRecord
 from ..telemetry.runs import run_id_problem
 from .runtime import Runtime
+from .webhooks import webhook_body_problem
 
 logger = logging.getLogger("run_telemetry")
 
@@ -80,7 +81,7 @@ def make_middleware(known: Callable[[str], bool] | None = None) -> Any:
     """
 
     async def check_tags(request: web.Request, body: Any) -> web.StreamResponse | None:
-        problem = telemetry_body_problem(body)
+        problem = telemetry_body_problem(body) or webhook_body_problem(body)
         if problem is None:
             return None
         param, message = problem

@@ -19,6 +19,7 @@ from ..telemetry.retries import RetryBook
 from ..telemetry.store import DEFAULT_RETENTION, Store
 from ..telemetry.writer import Writer
 from .queue import QueueEvents
+from .webhooks import build_webhooks
 
 logger = logging.getLogger("run_telemetry")
 
@@ -99,6 +100,7 @@ class Runtime:
         self.retries = RetryBook()
         self.policy, self.policy_notes = policy_from_env(env)
         self.notes.extend(self.policy_notes)
+        self.webhooks, self.webhook_targets = build_webhooks(self, env)
         self.max_wait_seconds = float(self.policy.max_wait_seconds)
         # fn(prompt_id, node_id, resolved prefix, other prefixes of a list) when a WriteDoneMarker runs.
         self.declare_hooks: list[Callable[[str | None, str, str, list[str]], None]] = []

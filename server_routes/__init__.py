@@ -10,9 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
-from . import meta, metrics, prompts, runs, status
+from . import meta, metrics, prompts, runs, status, webhooks
 
-MODULES = (status, prompts, meta, metrics, runs)
+MODULES = (status, prompts, meta, metrics, runs, webhooks)
 
 
 def add_routes(routes: web.RouteTableDef, rt: Any) -> None:

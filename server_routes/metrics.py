@@ -46,6 +46,8 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
     )
     metrics.record_crashed(len(getattr(rt, "cut_off", None) or ()))
     rt.recorder.add_listener(metrics.observe)
+    if getattr(rt, "webhooks", None) is not None:
+        metrics.watch_webhooks(rt.webhooks)
     rt.metrics = metrics
 
     @routes.get("/telemetry/metrics")

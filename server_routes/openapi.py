@@ -23,6 +23,70 @@ def _ok(description: str) -> dict[str, Any]:
     return {"description": description, **_OBJ}
 
 
+_NULLABLE_STR = {"type": "string", "nullable": True}
+_WEBHOOK_ENDPOINT = {
+    "type": "object",
+    "properties": {
+        "Url": {"type": "string", "description": "Without user info; a query shown as ?…"},
+        "Source": {"type": "string", "enum": ["environment", "run", "stored"]},
+        "Delivered": {"type": "integer"},
+        "Pending": {"type": "integer"},
+        "GivenUp": {"type": "integer"},
+        "FailedTries": {"type": "integer"},
+        "Failing": {"type": "boolean", "description": "The last try failed"},
+        "LastError": _NULLABLE_STR,
+        "LastErrorAt": _NULLABLE_STR,
+        "LastDeliveredAt": _NULLABLE_STR,
+    },
+}
+_WEBHOOKS = {
+    "type": "object",
+    "required": ["Config", "Delivered", "Pending", "GivenUp", "Endpoints", "RecentGivenUp", "Notes"],
+    "properties": {
+        "Config": {
+            "type": "object",
+            "properties": {
+                "Endpoints": {
+                    "type": "array",
+                    "items": {
+                        "type": "object",
+                        "properties": {
+                            "Url": {"type": "string"},
+                            "Events": {"type": "array", "items": {"type": "string"}},
+                            "Signed": {"type": "boolean"},
+                            "Source": {"type": "string"},
+                        },
+                    },
+                },
+                "Retry": {"type": "object"},
+                "TimeoutSeconds": {"type": "number"},
+                "OutboxMax": {"type": "integer"},
+                "ConcurrencyPerEndpoint": {"type": "integer"},
+            },
+        },
+        "Delivered": {"type": "integer"},
+        "Pending": {"type": "integer"},
+        "GivenUp": {"type": "integer"},
+        "Endpoints": {"type": "array", "items": _WEBHOOK_ENDPOINT},
+        "RecentGivenUp": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "properties": {
+                    "DeliveryId": {"type": "string"},
+                    "Event": {"type": "string"},
+                    "Url": {"type": "string"},
+                    "CreatedAt": _NULLABLE_STR,
+                    "GivenUpAt": _NULLABLE_STR,
+                    "Attempts": {"type": "integer"},
+                    "Reason": _NULLABLE_STR,
+                },
+            },
+        },
+        "Notes": {"type": "array", "items": {"type": "string"}},
+    },
+}
+
 PROMPT_ID = {"name": "prompt_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
 RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
 
@@ -112,6 +176,23 @@ def build_openapi(version: str) -> dict[str, Any]:
                     "200": {
                         "description": "Prometheus text format",
                         "content": {"text/plain": {"schema": {"type": "string"}}},
+                    },
+                    "503": _ERROR,
+                },
+            }
+        },
+        "/telemetry/webhooks": {
+            "get": {
+                "summary": "Webhook endpoints (secrets never shown), delivered / pending / given-up counts, last error "
+                "per endpoint, recent given-up deliveries",
+                "description": "Event bodies (prompt.ended, run.finalized, health.changed) are described by the JSON "
+                "Schemas telemetry/schemas/webhook-<event>.schema.json; each POST carries X-Run-Telemetry-Event, "
+                "X-Run-Telemetry-Delivery, X-Run-Telemetry-Timestamp and X-Run-Telemetry-Signature "
+                "(sha256=<hex HMAC-SHA256 of the raw body>).",
+                "responses": {
+                    "200": {
+                        "description": "Webhook status",
+                        "content": {"application/json": {"schema": _WEBHOOKS}},
                     },
                     "503": _ERROR,
                 },

@@ -75,6 +75,15 @@ class RunLocks:
                 self._locks[run_id] = (lock, users - 1)
 
 
+def emit_run_finalized(rt: Any, result: dict[str, Any]) -> None:
+    """Queue the ``run.finalized`` webhook (the environment's endpoints and the run's own); never raises."""
+    service = getattr(rt, "webhooks", None)
+    if service is None:
+        return
+    targets = getattr(rt, "webhook_targets", None)
+    service.emit("run.finalized", result, extra=targets.for_run(result["RunId"]) if targets is not None else ())
+
+
 def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
     """Register the run routes."""
     locks = RunLocks()
@@ -175,17 +184,17 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
                 rt.store.put_run(run_id, info)
 
             rt.writer.submit(stamp)
-            return web.json_response(
-                {
-                    "RunId": run_id,
-                    "RunDir": str(folder),
-                    "MetadataPath": str(folder / METADATA_FILE),
-                    "SummaryPath": str(folder / SUMMARY_FILE),
-                    "Valid": report.valid,
-                    "Problems": report.errors,
-                    "Scenes": scenes,
-                }
-            )
+            result = {
+                "RunId": run_id,
+                "RunDir": str(folder),
+                "MetadataPath": str(folder / METADATA_FILE),
+                "SummaryPath": str(folder / SUMMARY_FILE),
+                "Valid": report.valid,
+                "Problems": report.errors,
+                "Scenes": scenes,
+            }
+            emit_run_finalized(rt, result)
+            return web.json_response(result)
 
         return await asyncio.to_thread(finalize)
 

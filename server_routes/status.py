@@ -50,7 +50,8 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
         limit = int_param(request, "limit", 20, 1, 1000)
         snap, snap_at = cached.get_stamped()
         # Same prompts (recorder version), same snapshot and notes: the same body, served without rebuilding it.
-        key = (rt.recorder.version, snap_at, len(rt.notes))
+        hooks = getattr(rt, "webhooks", None)
+        key = (rt.recorder.version, snap_at, len(rt.notes), hooks.version if hooks is not None else None)
         hit = bodies.get(limit)
         if hit is not None and hit[0] == key:
             return web.Response(body=hit[1], content_type="application/json")
@@ -62,6 +63,7 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
             "FallbackNotes": notes,
             "Policy": rt.policy_view() if hasattr(rt, "policy_view") else None,
             "Prompts": [r.summary() for r in rt.recorder.recent(limit)],
+            "Webhooks": hooks.summary() if hooks is not None else None,
         }
         raw = json.dumps(body).encode()
         if len(bodies) >= 32:

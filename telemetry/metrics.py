@@ -59,6 +59,11 @@ NOTE_SOURCES: tuple[str, ...] = (
     OTHER,
 )
 
+WEBHOOK_EVENTS: tuple[str, ...] = ("prompt.ended", "run.finalized", "health.changed")
+WEBHOOK_REASONS: frozenset[str] = frozenset(
+    ("timeout", "connection", "http_429", "http_5xx", "http_4xx", "http_3xx", "outbox_full", OTHER)
+)
+
 _GIB = 1 << 30
 PROMPT_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1200.0, 1800.0, 3600.0)
 QUEUE_BUCKETS = (0.01, 0.05, 0.1, 0.5, 1.0, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
@@ -243,6 +248,22 @@ class TelemetryMetrics:
             "Prompts the previous process left unfinished (crash or kill), found when this one started.",
             registry=r,
         )
+        self.webhook_deliveries = Counter(
+            f"{PREFIX}_webhook_deliveries",
+            "Webhook deliveries that ended, by event and outcome (delivered, given_up).",
+            ["event", "outcome"],
+            registry=r,
+        )
+        self.webhook_failed_tries = Counter(
+            f"{PREFIX}_webhook_failed_tries",
+            "Webhook tries that failed, by event and reason (timeout, connection, http_429, http_5xx, http_4xx, "
+            "http_3xx, outbox_full, other).",
+            ["event", "reason"],
+            registry=r,
+        )
+        self.webhook_pending = Gauge(
+            f"{PREFIX}_webhook_pending", "Webhook deliveries in the outbox, not yet delivered nor given up.", registry=r
+        )
         self.build_info = Gauge(
             f"{PREFIX}_build_info", "Run Telemetry version of this worker.", ["version"], registry=r
         )
@@ -255,6 +276,11 @@ class TelemetryMetrics:
             self.markers.labels(state=state)
         for source in NOTE_SOURCES:
             self.fallback_notes.labels(source=source)
+        for event in WEBHOOK_EVENTS:
+            for result in ("delivered", "given_up"):
+                self.webhook_deliveries.labels(event=event, outcome=result)
+            for reason in ("timeout", "connection", "http_429", "http_5xx", "http_4xx"):
+                self.webhook_failed_tries.labels(event=event, reason=reason)
         if snapshot is not None:
             self.registry.register(_VramCollector(snapshot))
 
@@ -301,6 +327,19 @@ class TelemetryMetrics:
             self.markers.labels(state=state).inc()
         for note in dict.fromkeys(record.FallbackNotes):
             self.fallback_notes.labels(source=note_source(note)).inc()
+
+    def watch_webhooks(self, service: Any) -> None:
+        """Count a WebhookService's deliveries and read its outbox size at scrape time."""
+        self.webhook_pending.set_function(lambda: float(service.pending_count()))
+        service.add_observer(self.observe_webhook)
+
+    def observe_webhook(self, event: str, outcome: str, reason: str) -> None:
+        """One webhook try ended (delivery thread): ``outcome`` delivered, retry or given_up."""
+        event = event if event in WEBHOOK_EVENTS else OTHER
+        if outcome in ("delivered", "given_up"):
+            self.webhook_deliveries.labels(event=event, outcome=outcome).inc()
+        if outcome != "delivered" and reason != "outbox_full":  # a delivery given up unsent had no failed try
+            self.webhook_failed_tries.labels(event=event, reason=reason if reason in WEBHOOK_REASONS else OTHER).inc()
 
     def record_retry(self) -> None:
         """A run requeued a prompt (called by the runs routes)."""

@@ -216,13 +216,15 @@ def compiled_schema() -> SchemaValidator:
 
 def _handle(args: argparse.Namespace) -> int:
     """Print, check or write the schema."""
+    from .webhooks.events import event_schema_drift, write_event_schemas
+
     path = Path(args.schema_file) if args.schema_file else SCHEMA_PATH
     if args.check:
-        problem = schema_drift(path)
-        if problem:
-            print(problem, file=sys.stderr)
+        problems = [p for p in (schema_drift(path),) if p] + ([] if args.schema_file else event_schema_drift())
+        if problems:
+            print("\n".join(problems), file=sys.stderr)
             return 1
-        print(f"{path} is up to date.")
+        print(f"{path} is up to date." + ("" if args.schema_file else " So are the webhook event schemas."))
         return 0
     if args.write:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -230,6 +232,9 @@ def _handle(args: argparse.Namespace) -> int:
         _load.cache_clear()
         compiled_schema.cache_clear()
         print(f"wrote {path}")
+        if not args.schema_file:
+            for written in write_event_schemas():
+                print(f"wrote {written}")
         return 0
     sys.stdout.write(render_schema())
     return 0

@@ -40,6 +40,24 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 """
 
+# Webhook deliveries not yet delivered ('pending') or given up ('given_up', kept for a while to be seen).
+OUTBOX_SCHEMA = """
+CREATE TABLE IF NOT EXISTS webhook_outbox (
+    delivery_id TEXT PRIMARY KEY,
+    event       TEXT NOT NULL,
+    url         TEXT NOT NULL,
+    body        BLOB NOT NULL,
+    signature   TEXT,
+    created_at  REAL NOT NULL,
+    attempts    INTEGER NOT NULL DEFAULT 0,
+    next_at     REAL NOT NULL,
+    state       TEXT NOT NULL DEFAULT 'pending',
+    last_error  TEXT,
+    updated_at  REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS webhook_outbox_state ON webhook_outbox(state, created_at);
+"""
+
 DEFAULT_RETENTION = 10_000
 
 
@@ -64,6 +82,7 @@ class Store:
                 c.execute("UPDATE prompts SET seq = rowid")
             c.execute("CREATE INDEX IF NOT EXISTS prompts_seq ON prompts(seq)")
             self.last_seq = int(c.execute("SELECT COALESCE(MAX(seq), 0) FROM prompts").fetchone()[0])
+            c.executescript(OUTBOX_SCHEMA)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, timeout=10, isolation_level=None, check_same_thread=False)
@@ -298,3 +317,79 @@ class Store:
         """How many records are kept."""
         with self._conn() as c:
             return int(c.execute("SELECT COUNT(*) FROM prompts").fetchone()[0])
+
+    # --- webhook outbox (written by the webhook delivery thread, one small row per delivery) ---
+
+    def outbox_add(self, row: dict[str, Any]) -> None:
+        """Insert a pending delivery: ``delivery_id, event, url, body, signature, created_at, attempts, next_at``."""
+        with self._conn() as c:
+            c.execute(
+                "INSERT OR REPLACE INTO webhook_outbox(delivery_id, event, url, body, signature, created_at, attempts,"
+                " next_at, state, last_error, updated_at) VALUES (?,?,?,?,?,?,?,?,'pending',?,?)",
+                (
+                    row["delivery_id"],
+                    row["event"],
+                    row["url"],
+                    row["body"],
+                    row.get("signature"),
+                    row["created_at"],
+                    row.get("attempts", 0),
+                    row["next_at"],
+                    row.get("last_error"),
+                    time.time(),
+                ),
+            )
+
+    def outbox_update(
+        self, delivery_id: str, *, attempts: int, next_at: float, last_error: str | None, state: str = "pending"
+    ) -> None:
+        """Record a failed try (``state`` ``pending``) or that the delivery was given up (``given_up``)."""
+        with self._conn() as c:
+            c.execute(
+                "UPDATE webhook_outbox SET attempts=?, next_at=?, last_error=?, state=?, updated_at=?"
+                " WHERE delivery_id=?",
+                (attempts, next_at, last_error, state, time.time(), delivery_id),
+            )
+
+    def outbox_delete(self, delivery_id: str) -> None:
+        """Forget a delivered delivery."""
+        with self._conn() as c:
+            c.execute("DELETE FROM webhook_outbox WHERE delivery_id=?", (delivery_id,))
+
+    def outbox_pending(self, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` newest pending deliveries, oldest first (what a new process resumes)."""
+        with self._conn() as c:
+            rows = c.execute(
+                "SELECT delivery_id, event, url, body, signature, created_at, attempts, next_at, last_error"
+                " FROM webhook_outbox WHERE state='pending' ORDER BY created_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        keys = ("delivery_id", "event", "url", "body", "signature", "created_at", "attempts", "next_at", "last_error")
+        return [dict(zip(keys, r, strict=True)) for r in reversed(rows)]
+
+    def outbox_given_up(self, limit: int) -> list[dict[str, Any]]:
+        """The ``limit`` most recently given-up deliveries, newest first (without their bodies)."""
+        with self._conn() as c:
+            rows = c.execute(
+                "SELECT delivery_id, event, url, created_at, attempts, last_error, updated_at"
+                " FROM webhook_outbox WHERE state='given_up' ORDER BY updated_at DESC LIMIT ?",
+                (limit,),
+            ).fetchall()
+        keys = ("delivery_id", "event", "url", "created_at", "attempts", "last_error", "given_up_at")
+        return [dict(zip(keys, r, strict=True)) for r in rows]
+
+    def outbox_prune(self, *, pending: int, given_up: int) -> int:
+        """Give up pending rows beyond the newest ``pending`` and drop given-up rows beyond the newest ``given_up``."""
+        with self._conn() as c:
+            cur = c.execute(
+                "UPDATE webhook_outbox SET state='given_up', last_error=COALESCE(last_error, 'outbox full'),"
+                " updated_at=? WHERE delivery_id IN (SELECT delivery_id FROM webhook_outbox WHERE state='pending'"
+                " ORDER BY created_at DESC LIMIT -1 OFFSET ?)",
+                (time.time(), pending),
+            )
+            c.execute(
+                "DELETE FROM webhook_outbox WHERE delivery_id IN (SELECT delivery_id FROM webhook_outbox"
+                " WHERE state='given_up' ORDER BY updated_at DESC LIMIT -1 OFFSET ?)",
+                (given_up,),
+            )
+            return cur.rowcount

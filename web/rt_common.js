@@ -228,6 +228,7 @@ export const store = {
   snapshot: null,
   notes: [],
   policy: null,
+  webhooks: null, // GET /telemetry's Webhooks summary: counts and the endpoints now failing
   version: null,
   statusError: null,
   runs: null, // list from GET /telemetry/runs, null until fetched
@@ -311,6 +312,7 @@ export async function refreshStatus(limit = promptsShown()) {
     store.notes = Array.isArray(body?.FallbackNotes) ? body.FallbackNotes : [];
     store.policy = body?.Policy ?? null;
     store.version = body?.Version ?? null;
+    store.webhooks = body?.Webhooks ?? null;
     store.statusError = null;
     for (const p of body?.Prompts || []) upsert(p);
   } catch (err) {

@@ -148,6 +148,7 @@ class Panel {
     this.lastUpdated = null;
     this.sections = {
       device: h("section", { class: "rt-section rt-device" }),
+      webhooks: h("section", { class: "rt-section rt-webhooks", hidden: true }),
       timeline: h("section", { class: "rt-section rt-timeline-section" }),
       prompts: h("section", { class: "rt-section rt-prompts" }),
       runs: h("section", { class: "rt-section rt-runs" }),
@@ -168,6 +169,7 @@ class Panel {
         ),
       ),
       this.sections.device,
+      this.sections.webhooks,
       this.sections.timeline,
       this.sections.prompts,
       this.sections.runs,
@@ -202,7 +204,7 @@ class Panel {
 
   onStore(kind, detail) {
     if (this.closed) return;
-    if (kind === "status") this.markDirty("device", "timeline", "prompts", "runs");
+    if (kind === "status") this.markDirty("device", "webhooks", "timeline", "prompts", "runs");
     else if (kind === "prompt") {
       this.markDirty("timeline", "prompts");
       if (FINAL_OUTCOMES.has(detail?.Outcome)) {
@@ -352,6 +354,31 @@ class Panel {
     const notes = [...new Set([...(store.notes || []), ...(snap.FallbackNotes || [])])];
     out.push(...warnings(notes));
     return out;
+  }
+
+  /** One warning line while webhook deliveries fail (GET /telemetry's Webhooks summary); nothing otherwise. */
+  render_webhooks() {
+    const hooks = store.webhooks;
+    const failing = hooks?.Failing || [];
+    this.sections.webhooks.hidden = !failing.length;
+    if (!failing.length) return [];
+    const where = failing.map((f) => f.Url).join(", ");
+    const last = failing.find((f) => f.LastError)?.LastError;
+    return [
+      h(
+        "div",
+        {
+          class: "rt-warn",
+          role: "status",
+          "data-rt-webhooks": "failing",
+          title: "GET /telemetry/webhooks lists every endpoint, its last error and the deliveries given up",
+        },
+        h("i", { class: "pi pi-exclamation-triangle" }),
+        ` Webhook deliveries failing to ${where}` +
+          (last ? ` (${last})` : "") +
+          ` \u00b7 ${hooks.Pending} pending, ${hooks.GivenUp} given up`,
+      ),
+    ];
   }
 
   visiblePrompts() {
