@@ -159,5 +159,6 @@ def test_markers_never_land_outside_while_a_process_swaps_their_folder(comfy: Co
     assert tree(outside) == {"shot.done": b"decoy: must stay"}
     assert not folder.is_symlink()
     assert swaps > 1000 and states, "the swaps must really race the markers"
-    assert set(states) <= {"written", "error"}
+    # written; error (refused at write time, with a note); failed (the node itself found the prefix unsafe at run time)
+    assert set(states) <= {"written", "error", "failed"} and "written" in states
     shutil.rmtree(folder)
