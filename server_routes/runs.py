@@ -14,7 +14,7 @@ from typing import Any
 import pydantic_core
 from aiohttp import web
 
-from ..telemetry.atomic import MarkerWriteError, UnsafePathError, remove_stale_temps
+from ..telemetry.atomic import MarkerWriteError, UnsafePathError, open_folder, remove_stale_temps
 from ..telemetry.llm import health_from_env
 from ..telemetry.runs import (
     METADATA_FILE,
@@ -34,16 +34,28 @@ logger = logging.getLogger("run_telemetry")
 
 
 def clean_finalize_temps(output_dir: Path) -> list[Path]:
-    """Remove the temp files a finalize cut off by a kill left in the run folders (their writer is gone)."""
+    """Remove the temp files a finalize cut off by a kill left in the run folders (their writer is gone).
+
+    The folders are opened below the output folder without following symlinks, so a ``telemetry`` or ``runs`` link
+    leading out is left alone (nothing outside is removed).
+    """
     removed: list[Path] = []
-    root = Path(output_dir) / "telemetry" / "runs"
+    root = Path(os.path.realpath(output_dir))
+    runs = Path(output_dir) / "telemetry" / "runs"
     try:
-        folders = [p for p in root.iterdir() if p.is_dir() and not p.is_symlink()]
+        with open_folder(root, ("telemetry", "runs"), create=False) as runs_fd:
+            names = [
+                e.name for e in os.scandir(runs if runs_fd is None else runs_fd) if e.is_dir(follow_symlinks=False)
+            ]
     except OSError:
         return removed
-    for folder in folders:
-        for name in (METADATA_FILE, SUMMARY_FILE):
-            removed += remove_stale_temps(folder / name)
+    for name in names:
+        try:
+            with open_folder(root, ("telemetry", "runs", name), create=False) as fd:
+                for file_name in (METADATA_FILE, SUMMARY_FILE):
+                    removed += remove_stale_temps(runs / name / file_name, dir_fd=fd)
+        except OSError as exc:
+            logger.warning("Run Telemetry: run folder %s skipped while cleaning temp files: %s", runs / name, exc)
     if removed:
         logger.info("Run Telemetry: removed %d temp file(s) of cut-off finalizes: %s", len(removed), removed)
     return removed

@@ -15,6 +15,7 @@ from telemetry.atomic import DIR_FD_SUPPORTED, MarkerWriteError, UnsafePathError
 from telemetry.markers import DoneMarker, FailedMarker, clear_markers, write_done_marker, write_failed_marker
 from telemetry.paths import UnsafePrefixError
 from telemetry.runs import METADATA_FILE, SUMMARY_FILE, finalize_files, read_run_file, run_dir
+from tests.pkg import sub
 
 HELPERS = Path(__file__).resolve().parent / "helpers"
 
@@ -187,3 +188,23 @@ def test_consumer_never_copies_or_measures_an_outside_file_while_the_folder_is_s
         swapper.communicate(timeout=60)
     print(f"\n{copied} copies and {measured} measurements of 300 went through; none reached outside")
     assert copied > 0 and measured > 0
+
+
+def test_start_up_temp_cleaning_never_removes_outside_files(places: tuple[Path, Path]) -> None:
+    """clean_finalize_temps removes a dead writer's temp in a real run folder, but never one behind a ``telemetry``
+    link leading out (before, it followed the link and removed the outside file)."""
+    clean_finalize_temps = sub("server_routes.runs").clean_finalize_temps
+    out, outside = places
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    temp = f".{METADATA_FILE}.{int(dead.stdout)}.0badc0de.tmp"
+    (out / "real" / "runs" / "r1").mkdir(parents=True)
+    (out / "real" / "runs" / "r1" / temp).write_bytes(b"{cut off")
+    (outside / "runs" / "r2").mkdir(parents=True)
+    (outside / "runs" / "r2" / temp).write_bytes(b"outside, not ours")
+    (out / "telemetry").symlink_to(outside, target_is_directory=True)
+    assert clean_finalize_temps(out) == []
+    assert (outside / "runs" / "r2" / temp).read_bytes() == b"outside, not ours"
+    (out / "telemetry").unlink()
+    (out / "real").rename(out / "telemetry")
+    assert [p.name for p in clean_finalize_temps(out)] == [temp]
+    assert not (out / "telemetry" / "runs" / "r1" / temp).exists()
