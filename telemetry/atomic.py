@@ -100,6 +100,15 @@ def open_folder(root: str | os.PathLike[str], parts: Sequence[str], *, create: b
         yield None
         return
     root_path = Path(root)
+    if create:
+        # The root is configured, not requested (ComfyUI's output folder); ComfyUI makes it only when a save node
+        # first writes, so a marker written before that (a prompt finished "lost" at start-up) makes it here.
+        try:
+            os.makedirs(root_path, exist_ok=True)
+        except OSError as exc:
+            raise MarkerWriteError(
+                exc.errno, f"could not create the folder {root_path}: {exc.strerror or exc}", root_path
+            ) from exc
     try:
         fd = os.open(root_path, _DIR_FLAGS)
     except OSError as exc:

@@ -139,11 +139,11 @@ def test_prompts_queued_at_a_kill_are_lost_after_restart(version: str, tmp_path:
         rec = record(server, pid)
         assert rec["Outcome"] == "lost" and rec["RunId"] == run_id, rec
         assert "still queued" in rec["Error"]["Message"]
+        # Its waiters answer at once, once the .failed is on disk; the running one was cut off (crashed), not lost.
+        status, waited = server.request("GET", f"/telemetry/prompts/{pid}/wait?timeout=30", timeout=40)
+        assert status == 200 and waited["Outcome"] == "lost", waited
         failed = json.loads((server.output_dir / f"{prefix}.failed").read_text())
         assert failed["Outcome"] == "lost" and failed["PromptId"] == pid
-        # Its waiters answer at once; the running one was cut off (crashed), not lost.
-        status, waited = server.request("GET", f"/telemetry/prompts/{pid}/wait?timeout=30", timeout=40)
-        assert status == 200 and waited["Outcome"] == "lost"
         assert record(server, blocker)["Outcome"] == "crashed"
         runs = {r["RunId"]: r for r in server.get("/telemetry/runs")["Runs"]}
         assert runs[run_id]["Status"] == "failed" and runs[run_id]["Failed"] == 1
