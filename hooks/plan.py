@@ -15,6 +15,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import inspect
 import logging
@@ -287,8 +288,17 @@ class Plans:
 
 
 def _cached_entry(caches: Any, node_id: str) -> Any:
+    """ComfyUI's output-cache entry of a node (``get`` is a coroutine on newer ComfyUI: run it here, after the
+    prompt's own event loop has ended, on the prompt worker)."""
     outputs = getattr(caches, "outputs", None)
-    return outputs.get(node_id) if outputs is not None else None
+    found = outputs.get(node_id) if outputs is not None else None
+    if inspect.iscoroutine(found):
+        try:
+            found = asyncio.run(found)
+        except RuntimeError:  # a loop is running on this thread (a persistent-loop ComfyUI): not readable here
+            found.close()
+            return None
+    return found
 
 
 def _cached_ui(caches: Any, node_id: str) -> dict[str, Any] | None:

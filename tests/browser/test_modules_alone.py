@@ -18,6 +18,7 @@ CASES: dict[tuple[str, ...], set[str]] = {
     ("run_telemetry.js",): {"RunTelemetry.Core"},
     ("rt_sidebar.js",): {"RunTelemetry.Sidebar"},
     ("rt_nodes.js",): {"RunTelemetry.NodeBadges"},
+    ("rt_marker_prefix.js",): {"RunTelemetry.MarkerPrefix"},
 }
 
 
