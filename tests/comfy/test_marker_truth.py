@@ -150,6 +150,24 @@ def test_marker_node_itself_dropped_gives_failed_validation(comfy: ComfyServer) 
     assert failed["Dropped"][0]["Reason"]
 
 
+def test_output_nodes_left_out_by_partial_execution_are_not_dropped(comfy: ComfyServer) -> None:
+    """Queueing selected output nodes (``partial_execution_targets``) asks only for them: a .done, not validation."""
+    prefix = uniq("targets")
+    p = wf.frames(prefix, count=1)
+    p["5"] = {"class_type": "PreviewImage", "inputs": {"images": ["2", 0]}}
+    p["6"] = {
+        "class_type": "ImageScale",
+        "inputs": {"image": ["1", 0], "upscale_method": "no-such-method", "width": 8, "height": 8, "crop": "disabled"},
+    }
+    p["7"] = {"class_type": "SaveImage", "inputs": {"images": ["6", 0], "filename_prefix": f"{prefix}-other"}}
+    status, body = comfy.request("POST", "/prompt", {"prompt": p, "partial_execution_targets": ["3", "4"]})
+    assert status == 200, body
+    rec = wait_record(comfy, body["prompt_id"])
+    marker = read(comfy, prefix, "done")
+    assert marker["PromptId"] == body["prompt_id"] and len(marker["Outputs"]) == 1
+    assert rec["Markers"][0]["State"] == "written" and not (comfy.output_dir / f"{prefix}.failed").exists()
+
+
 @pytest.mark.parametrize("how", ["literal", "link"])
 def test_prefix_leaving_the_output_folder_refuses_the_whole_prompt(comfy: ComfyServer, how: str) -> None:
     safe = uniq("kept-out")
