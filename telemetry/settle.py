@@ -2,19 +2,24 @@
 
 Some output nodes return before their files are complete (encoders, network shares, nodes that write from a thread
 of their own). A file is *settled* once two observations at least ``window`` seconds apart find it present with the
-same size and modification time. The check never sleeps: :meth:`Settle.poll` says how long to wait before the next
+same size and modification time, and its modification time is at least ``QUIET_FACTOR`` windows old: a writer that
+pauses exactly one window between chunks (an encoder flushing every second) is not taken for finished at the edge.
+The mtime condition is capped at two windows of observed stability, so a file server's clock skew cannot hold a
+file longer than that. The check never sleeps: :meth:`Settle.poll` says how long to wait before the next
 observation, so a caller can re-check from a timer (the writer's delayed jobs) without blocking anything else.
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 FileState = tuple[int, int]  # (size in bytes, mtime in ns)
+QUIET_FACTOR = 1.25  # a settled file's mtime is at least this many windows old
 
 
 def file_state(path: Path) -> FileState | None:
@@ -39,6 +44,7 @@ class Settle:
     window: float
     deadline: float
     stat: Callable[[Path], FileState | None] = file_state
+    wall: Callable[[], float] = time.time  # the clock file mtimes are on
     _seen: dict[Path, tuple[FileState, float]] = field(default_factory=dict)
     _settled: set[Path] = field(default_factory=set)
 
@@ -62,10 +68,11 @@ class Settle:
                 next_due = now + min(self.window, 0.1) if next_due is None else min(next_due, now + 0.1)
                 continue
             if seen is not None and seen[0] == state:
-                if now - seen[1] >= self.window:
+                quiet_at = now + (state[1] / 1e9 + QUIET_FACTOR * self.window - self.wall())
+                due = max(seen[1] + self.window, min(quiet_at, seen[1] + 2 * self.window))
+                if now >= due:
                     self._settled.add(path)
                     continue
-                due = seen[1] + self.window
             else:
                 self._seen[path] = (state, now)
                 due = now + self.window

@@ -203,6 +203,9 @@ def test_cached_output_node_files_are_listed_with_or_without_client_id(comfy: Co
 # --- M4: late files ---
 
 
+PNG_END = b"IEND\xaeB`\x82"  # the last chunk of a complete PNG
+
+
 def late_prompt(prefix: str, delay: float) -> dict:
     p: dict = {}
     image(p, count=2, size=128)
@@ -211,16 +214,18 @@ def late_prompt(prefix: str, delay: float) -> dict:
     return p
 
 
-def test_late_files_are_waited_for_until_complete(comfy: ComfyServer) -> None:
+@pytest.mark.parametrize("delay", [0.4, 1.0])  # 1.0: shared/cases m4, a writer pausing exactly one settle window
+def test_late_files_are_waited_for_until_complete(comfy: ComfyServer, delay: float) -> None:
     prefix = f"{uniq('late')}/frame"
-    pid = comfy.queue(late_prompt(prefix, 0.4))
+    pid = comfy.queue(late_prompt(prefix, delay))
     rec = wait_record(comfy, pid)
     marker = read(comfy, prefix, "done")
     assert [o["Missing"] for o in marker["Outputs"]] == [False, False]
     for o in marker["Outputs"]:
-        assert (comfy.output_dir / o["Subfolder"] / o["Filename"]).stat().st_size == o["Bytes"]
+        data = (comfy.output_dir / o["Subfolder"] / o["Filename"]).read_bytes()
+        assert len(data) == o["Bytes"] and data.endswith(PNG_END), "the marker listed a file still being written"
     assert rec["Telemetry"]["HistoryExitReason"] == "success"
-    assert rec["Markers"][0]["WaitSeconds"] >= 0.8  # both halves of both files, then the settle window
+    assert rec["Markers"][0]["WaitSeconds"] >= 3 * delay  # both halves of both files, then the settle window
 
 
 def test_files_still_incomplete_at_the_timeout_give_failed_outputs_incomplete(comfy: ComfyServer) -> None:

@@ -10,6 +10,8 @@ from telemetry.policy import QueuePolicy, apply_overrides, policy_from_env
 from telemetry.prefix_order import PrefixOrder
 from telemetry.settle import Settle
 
+OLD_NS = 10**18  # an mtime long ago (2001)
+
 
 def test_a_file_settles_only_after_a_window_without_change(tmp_path: Path) -> None:
     path = tmp_path / "frame.png"
@@ -20,16 +22,38 @@ def test_a_file_settles_only_after_a_window_without_change(tmp_path: Path) -> No
     assert verdict == "waiting" and delay == 1.0  # first sight: one window from now
     with path.open("ab") as fh:
         fh.write(b" and the rest")
-    os.utime(path, ns=(10**18, 10**18))  # a different mtime, as a writer would leave
+    os.utime(path, ns=(OLD_NS, OLD_NS))  # a different mtime, as a writer would leave
     assert check.poll(1.6)[0] == "waiting"  # changed: the window starts again
     verdict, delay = check.poll(2.0)
     assert verdict == "waiting" and abs(delay - 0.6) < 1e-9
     assert check.poll(2.6) == ("settled", 0.0)
 
 
+def test_a_writer_pausing_one_window_is_not_taken_for_finished(tmp_path: Path) -> None:
+    """mtime must be a quarter window older than one window: the chunk written right after the pause is seen."""
+    path = tmp_path / "clip.mp4"
+    path.write_bytes(b"first chunk")
+    written = os.stat(path).st_mtime_ns / 1e9
+    wall = [written]
+    check = Settle.of([path], window=1.0, deadline=100.0)
+    check.wall = lambda: wall[0]
+    assert check.poll(0.0)[0] == "waiting"
+    wall[0] = written + 1.0
+    verdict, delay = check.poll(1.0)  # one window later, unchanged: not yet, the next chunk may be due
+    assert verdict == "waiting" and abs(delay - 0.25) < 1e-6
+    wall[0] = written + 1.25
+    assert check.poll(1.25) == ("settled", 0.0)
+    # A file server's clock far ahead: never more than two windows of observed stability.
+    ahead = Settle.of([path], window=1.0, deadline=100.0)
+    ahead.wall = lambda: written - 3600
+    ahead.poll(0.0)
+    assert ahead.poll(1.5)[0] == "waiting" and ahead.poll(2.0)[0] == "settled"
+
+
 def test_unsettled_files_time_out_at_the_deadline(tmp_path: Path) -> None:
     present, missing = tmp_path / "a.png", tmp_path / "b.png"
     present.write_bytes(b"x")
+    os.utime(present, ns=(OLD_NS, OLD_NS))
     check = Settle.of([present, missing, missing], window=0.5, deadline=3.0)
     assert check.poll(0.0)[0] == "waiting"
     assert check.poll(0.6)[0] == "waiting"  # a.png settled, b.png still missing
