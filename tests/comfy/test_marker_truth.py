@@ -225,6 +225,7 @@ def test_late_files_are_waited_for_until_complete(comfy: ComfyServer, delay: flo
         data = (comfy.output_dir / o["Subfolder"] / o["Filename"]).read_bytes()
         assert len(data) == o["Bytes"] and data.endswith(PNG_END), "the marker listed a file still being written"
     assert rec["Telemetry"]["HistoryExitReason"] == "success"
+    assert comfy.get("/telemetry")["Policy"]["output_settle_seconds"] == 1.0  # the window in force, shown
     assert rec["Markers"][0]["WaitSeconds"] >= 3 * delay  # both halves of both files, then the settle window
 
 
