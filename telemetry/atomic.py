@@ -110,10 +110,6 @@ def open_folder(root: str | os.PathLike[str], parts: Sequence[str], *, create: b
                 exc.errno, f"could not create the folder {root_path}: {exc.strerror or exc}", root_path
             ) from exc
     try:
-        if create and not os.path.lexists(root_path):
-            # ComfyUI makes its output folder only when a node first saves: a prompt that fails or never runs before
-            # that (its .failed) would otherwise find no folder at all.
-            root_path.mkdir(parents=True, exist_ok=True)
         fd = os.open(root_path, _DIR_FLAGS)
     except OSError as exc:
         raise MarkerWriteError(
