@@ -125,14 +125,19 @@ def test_retry_keeps_the_submission_whole(comfy: ComfyServer) -> None:
     assert chain[1]["ClientId"] == client_id
 
 
-def blocker(server: ComfyServer, tmp: Path) -> tuple[str, Path]:
+def blocker(server: ComfyServer, tmp: Path, seconds: float = 120) -> tuple[str, Path]:
     started = tmp / uniq("started")
-    return server.queue(with_sleep(frames(uniq("blk"), count=1, marker=False), 120, started_file=str(started))), started
+    prompt = with_sleep(frames(uniq("blk"), count=1, marker=False), seconds, started_file=str(started))
+    return server.queue(prompt), started
 
 
 @pytest.mark.parametrize("how", ["interrupt", "clear"])
 def test_interrupt_and_clear_cancel_pending_retries(comfy: ComfyServer, tmp_path: Path, how: str) -> None:
     run_id = uniq(f"cancel-{how}")
+    # The failing prompt waits behind a short blocker, so the long one is queued before it fails: its retry is
+    # queued behind the long one (the queue runs in order of acceptance).
+    short, short_started = blocker(comfy, tmp_path, seconds=5)
+    wait_until(short_started.exists, 60, what="the short blocker to start", interval=0.02)
     failing = comfy.queue(failing_capture_prompt(run_id, uniq("cr/frame")))
     block, started = blocker(comfy, tmp_path)
     rec = wait_final(comfy, failing)

@@ -263,3 +263,13 @@ def test_read_only_mount_raises_erofs_and_leaves_nothing(tiny_tmpfs: Path) -> No
     assert caught.value.errno == errno.EROFS
     assert sorted(os.listdir(tiny_tmpfs)) == before
     assert (tiny_tmpfs / "kept.done").read_bytes() == kept
+
+
+def test_a_marker_is_written_before_comfyui_made_its_output_folder(tmp_path: Path) -> None:
+    """ComfyUI makes its output folder on the first save: a prompt failing (or cancelled) before that gets its .failed."""
+    from telemetry.markers import FailedMarker, write_failed_marker
+
+    out = tmp_path / "fresh" / "output"
+    result = write_failed_marker(out, "run/scene-1", FailedMarker(Prefix="run/scene-1", Outcome="cancelled"))
+    assert result.path == out / "run" / "scene-1.failed"
+    assert read_marker(result.path).outcome == "cancelled"
