@@ -62,7 +62,12 @@ DEFAULT_RETENTION = 10_000
 
 
 class Store:
-    """Prompt records keyed by prompt id. Writes must come from one thread (the writer); reads from any."""
+    """Prompt records keyed by prompt id. Writes must come from one thread (the writer); reads from any.
+
+    The webhook outbox (``outbox_*``) is the exception: the webhook delivery thread writes its own table, so a slow
+    receiver never queues work on the writer. SQLite (WAL) serializes the two writers; each outbox write is one short
+    autocommit statement, so the writer waits at most that long for the lock.
+    """
 
     def __init__(
         self, path: Path, *, retention: int = DEFAULT_RETENTION, clock: Callable[[], float] = time.time

@@ -325,7 +325,8 @@ def outbox_rows(server: ComfyServer) -> list[tuple[str, str, int]]:
         return conn.execute("SELECT delivery_id, state, attempts FROM webhook_outbox").fetchall()
 
 
-def test_a_delivery_pending_at_stop_arrives_after_the_next_start(lone: tuple[ComfyServer, int]) -> None:
+@pytest.mark.parametrize("stop", ["sigterm", "kill9"])
+def test_a_delivery_pending_at_stop_arrives_after_the_next_start(lone: tuple[ComfyServer, int], stop: str) -> None:
     server, port = lone
     pid = server.queue(wf.frames(uniq("restart") + "/frame", count=1, size=8))
     wait_record(server, pid)
@@ -333,7 +334,10 @@ def test_a_delivery_pending_at_stop_arrives_after_the_next_start(lone: tuple[Com
     assert server.get("/telemetry/webhooks")["Pending"] == 1
     summary = server.get("/telemetry")["Webhooks"]
     assert summary["Pending"] == 1 and summary["Failing"][0]["LastError"]
-    server.stop()  # SIGTERM by pid
+    if stop == "sigterm":
+        server.stop()  # by pid: SIGTERM, as a service manager stops it
+    else:
+        server.kill9()  # by pid: SIGKILL, as a crash or the OOM killer does
     ((delivery_id, state, attempts),) = outbox_rows(server)
     assert state == "pending" and attempts >= 1
     receiver = Receiver(port=port).start()

@@ -12,6 +12,7 @@ from typing import Any
 
 import jsonschema
 import pytest
+from aiohttp import web
 
 from harness.comfy import free_port, wait_until
 from telemetry.records import MarkerState, PromptError, PromptRecord
@@ -359,3 +360,73 @@ def test_a_health_report_change_becomes_health_changed(receiver: Receiver, servi
     assert body["Data"]["Reasons"] == ["store: memory only: disk full"]
     assert [c["Name"] for c in body["Data"]["Checks"]] == ["store", "prompt_worker"]
     assert verify(SECRET, req.body, req.headers["X-Run-Telemetry-Signature"])
+
+
+# --- the adapter and the route, on a bare aiohttp application ---------------------------------------------------
+
+
+class Server:
+    """What install_webhooks needs of ComfyUI's PromptServer: the submission-handler registry."""
+
+    def __init__(self) -> None:
+        self.handlers: list[Any] = []
+
+    def add_on_prompt_handler(self, fn: Any) -> None:
+        self.handlers.append(fn)
+
+
+async def test_adapter_and_route_on_a_bare_app(aiohttp_client: Any, receiver: Receiver, tmp_path: Path) -> None:
+    mine = Receiver().start()
+    rt = sub("hooks.runtime").Runtime(
+        user_dir=tmp_path,
+        output_dir=lambda: tmp_path,
+        snapshot=lambda: {},
+        env={
+            "RUN_TELEMETRY_WEBHOOK_URL": f"{receiver.url},ftp://x.example/in",
+            "RUN_TELEMETRY_WEBHOOK_SECRET": SECRET,
+        },
+    )
+    try:
+        server = Server()
+        sub("hooks.webhooks").install_webhooks(rt, server)
+        routes = web.RouteTableDef()
+        sub("server_routes").add_routes(routes, rt)
+        app = web.Application()
+        app.add_routes(routes)
+        client = await aiohttp_client(app)
+        assert any("ftp://x.example/in" in n for n in rt.notes)
+
+        # The submission handler takes the run's secret out and fixes the prompt id it is parked under.
+        body = {
+            "prompt": {},
+            "extra_data": {"telemetry": {"run_id": "r1", "webhook": {"url": mine.url, "secret": "run-key-5d1e"}}},
+        }
+        (handler,) = server.handlers
+        body = handler(body)
+        pid = body["prompt_id"]
+        assert body["extra_data"]["telemetry"]["webhook"] == {"url": mine.url}
+        rt.recorder.started(pid, {}, body["extra_data"])
+        rt.recorder.ended(pid, [["execution_success", {"timestamp": time.time() * 1000}]], {"outputs": {}})
+        assert rt.writer.flush(10)
+        assert "webhook" not in rt.recorder.get(pid).Tags  # never stored nor served
+
+        wait_until(lambda: mine.events("prompt.ended") and receiver.events("prompt.ended"), 20, what="both notices")
+        (run_req,) = mine.events("prompt.ended")
+        assert verify("run-key-5d1e", run_req.body, run_req.headers["X-Run-Telemetry-Signature"])
+        (env_req,) = receiver.events("prompt.ended")
+        assert verify(SECRET, env_req.body, env_req.headers["X-Run-Telemetry-Signature"])
+        assert env_req.body == run_req.body and env_req.delivery_id != run_req.delivery_id
+
+        resp = await client.get("/telemetry/webhooks")
+        assert resp.status == 200
+        text = await resp.text()
+        assert SECRET not in text and "run-key-5d1e" not in text
+        status = json.loads(text)
+        wait_until(lambda: rt.webhooks.status()["Delivered"] == 2, 20, what="both delivered")
+        summary = json.loads(await (await client.get("/telemetry")).text())["Webhooks"]
+        assert summary == {"Delivered": 2, "Pending": 0, "GivenUp": 0, "Failing": []}
+        assert [e["Source"] for e in status["Config"]["Endpoints"]] == ["environment"]
+    finally:
+        rt.webhooks.stop()
+        rt.writer.stop()
+        mine.stop()
