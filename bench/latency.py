@@ -10,6 +10,10 @@ Per prompt (EmptyImage → ImageInvert → SaveImage + WriteDoneMarker, one at a
   pipeline's poll is not aligned with the prompt), and once the entry is there, a 2 s stability window and one more
   poll that must still show it; time.time() when that confirming poll answered.
 
+With ``--disk-load`` the same server measures the same prompts twice in one run: once alone, once while another
+process writes to the same disk with a sync per block (``dd oflag=dsync``, restarted until the phase ends), so the
+marker's p95 with a busy disk is quoted against the one without.
+
 All three are compared with the record's ``ExecutionSuccessAt`` (ComfyUI's own ``execution_success`` timestamp, whole
 milliseconds, same machine clock), so each figure is "how long after ComfyUI said success did the client know".
 """
@@ -18,9 +22,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import random
+import signal
+import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from datetime import datetime
 from typing import Any
 
@@ -66,7 +74,23 @@ async def poll_history(session: aiohttp.ClientSession, url: str, pid: str, phase
         await asyncio.sleep(POLL_INTERVAL)
 
 
-async def measure(server: Any, prompts: int, warmup: int, seed: int) -> list[dict[str, float]]:
+@contextmanager
+def disk_load(folder: Any):
+    """A process writing 64 MiB at a time to ``folder`` with a sync per 1 MiB block (dd oflag=dsync), until exit."""
+    target = folder / ".disk-load.bin"
+    script = f'while :; do dd if=/dev/zero of="{target}" bs=1M count=64 oflag=dsync status=none; rm -f "{target}"; done'
+    proc = subprocess.Popen(["sh", "-c", script], start_new_session=True)
+    try:
+        yield proc
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the shell and its dd, started here
+        proc.wait(10)
+        target.unlink(missing_ok=True)
+
+
+async def measure(
+    server: Any, prompts: int, warmup: int, seed: int, label: str = "p", poll: bool = True
+) -> list[dict[str, float]]:
     """Queue prompts one at a time; return per prompt the three delays in ms after execution_success."""
     folder = server.output_dir / "latency"
     folder.mkdir(parents=True, exist_ok=True)
@@ -78,13 +102,13 @@ async def measure(server: Any, prompts: int, warmup: int, seed: int) -> list[dic
     try:
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
             for i in range(warmup + prompts):
-                name = f"p{i:05d}"
+                name = f"{label}{i:05d}"
                 prompt = frames_with_marker(f"latency/{name}", colors())
                 async with session.post(f"{server.url}/prompt", json={"prompt": prompt}) as r:
                     if r.status != 200:
                         raise RuntimeError(f"POST /prompt -> {r.status}: {await r.text()}")
                     pid = (await r.json())["prompt_id"]
-                if i >= warmup:
+                if i >= warmup and poll:
                     task = asyncio.create_task(poll_history(session, server.url, pid, rng.uniform(0, POLL_INTERVAL)))
                     pollers.append((pid, 0.0, task))
                 async with session.get(f"{server.url}/telemetry/prompts/{pid}/wait?timeout=60") as r:
@@ -108,9 +132,41 @@ async def measure(server: Any, prompts: int, warmup: int, seed: int) -> list[dic
             done = await asyncio.gather(*(task for _, _, task in pollers))
     finally:
         watcher.close()
-    for row, t_poll in zip(rows, done, strict=True):
-        row["poll_ms"] = (t_poll - row["success_at"]) * 1000
+    if poll:
+        for row, t_poll in zip(rows, done, strict=True):
+            row["poll_ms"] = (t_poll - row["success_at"]) * 1000
     return rows
+
+
+def disk_load_main(args: argparse.Namespace, info: dict[str, Any]) -> int:
+    """``--disk-load``: the marker's latency without, then with, a concurrent syncing writer on the same disk."""
+    header("marker latency after execution_success, without and with a dd (oflag=dsync) writer on the same disk", info)
+    server = make_bench_server(args.version, with_package=True, timer=False)
+    phases: dict[str, list[dict[str, float]]] = {}
+    with running(server):
+        phases["idle disk"] = asyncio.run(measure(server, args.prompts, args.warmup, args.seed, "a", poll=False))
+        with disk_load(server.output_dir):
+            phases["dd writing"] = asyncio.run(measure(server, args.prompts, args.warmup, args.seed, "b", poll=False))
+    out: dict[str, Any] = {}
+    for phase, rows in phases.items():
+        out[phase] = {}
+        for key, label in (
+            ("marker_ms", "marker visible (inotify)"),
+            ("in_process_marker_ms", "marker written (WaitSeconds)"),
+            ("wait_ms", "wait route returned"),
+        ):
+            vals = [r[key] for r in rows]
+            v = out[phase][key] = {
+                "p50": round(median(vals), 2),
+                "p95": round(percentile(vals, 95), 2),
+                "max": round(max(vals), 2),
+            }
+            print(f"{phase:<11} {label:<32} p50 {v['p50']:>8.2f} ms  p95 {v['p95']:>8.2f} ms  max {v['max']:>8.2f} ms")
+    base, loaded = out["idle disk"]["marker_ms"]["p95"], out["dd writing"]["marker_ms"]["p95"]
+    print(f"{args.prompts} prompts per phase. marker p95: {base:.2f} ms idle disk, {loaded:.2f} ms with dd writing")
+    path = save("latency-disk-load", {"machine": info, "summary": out, "rows": phases})
+    print(f"figures: {path}")
+    return 0
 
 
 def summarize(rows: list[dict[str, float]]) -> dict[str, Any]:
@@ -140,8 +196,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--warmup", type=int, default=10, help="unmeasured prompts first (10)")
     ap.add_argument("--version", default=DEFAULT_VERSION, help=f"ComfyUI version ({DEFAULT_VERSION})")
     ap.add_argument("--seed", type=int, default=1, help="seed of the pollers' random phase (1)")
+    ap.add_argument(
+        "--disk-load",
+        action="store_true",
+        help="measure the marker without, then with, a dd writer syncing to the same disk (no /history polling)",
+    )
     args = ap.parse_args(argv)
     info = machine(args.version)
+    if args.disk_load:
+        return disk_load_main(args, info)
     header("completion latency after execution_success: done marker, wait route, /history polling", info)
     server = make_bench_server(args.version, with_package=True, timer=False)
     with running(server):

@@ -38,6 +38,7 @@ def install() -> runtime.Runtime | None:
             output_dir=runtime.output_directory,
             snapshot=build_snapshot(),
             pending=lambda pid: _is_pending(server, pid),
+            queue_counts=lambda: _queue_counts(server),
             send=lambda event, data: _send(server, event, data),
             peak=build_peak_meter(),
         )
@@ -78,7 +79,7 @@ def _make_plans(rt: runtime.Runtime) -> Any:
 def _wrap_executor(execution: Any, rt: runtime.Runtime) -> None:
     from .executor import wrap_prompt_executor
 
-    wrap_prompt_executor(execution, rt.recorder, rt.plans)
+    wrap_prompt_executor(execution, rt.recorder, rt.plans, on_worker_exit=rt.worker_exiting)
 
 
 def _wrap_nodes(execution: Any, rt: runtime.Runtime) -> None:
@@ -152,3 +153,9 @@ def _is_pending(server: Any, prompt_id: str) -> bool:
     """Whether ComfyUI's queue holds ``prompt_id`` (running or waiting)."""
     running, queued = server.prompt_queue.get_current_queue_volatile()
     return any(len(item) > 1 and item[1] == prompt_id for item in (*running, *queued))
+
+
+def _queue_counts(server: Any) -> tuple[int, int]:
+    """(running, queued) in ComfyUI's queue."""
+    running, queued = server.prompt_queue.get_current_queue_volatile()
+    return len(running), len(queued)

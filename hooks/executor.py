@@ -38,11 +38,18 @@ def _arg_getter(fn: Callable[..., Any], name: str, *, skip_self: bool = False) -
     return get
 
 
-def wrap_prompt_executor(execution: Any, recorder: Recorder, plans: Plans | None = None) -> str:
+def wrap_prompt_executor(
+    execution: Any,
+    recorder: Recorder,
+    plans: Plans | None = None,
+    on_worker_exit: Callable[[BaseException], None] | None = None,
+) -> str:
     """Wrap ``execution.PromptExecutor.execute`` to record each prompt's start and end. Returns a status word.
 
     With ``plans``: the validated ``execute_outputs`` are compared with the workflow's output nodes at the start,
     and the UI outputs of cached output nodes are added to what the recorder gets at the end.
+    ``on_worker_exit`` hears of a ``BaseException`` that is not an ``Exception`` (``SystemExit`` raised by a node):
+    ComfyUI's prompt worker does not catch it, so its thread ends while HTTP keeps answering.
     """
     cls = getattr(execution, "PromptExecutor", None)
     original = getattr(cls, "execute", None)
@@ -72,8 +79,13 @@ def wrap_prompt_executor(execution: Any, recorder: Recorder, plans: Plans | None
         error: BaseException | None = None
         try:
             return original(self, *args, **kwargs)
-        except Exception as exc:
+        except BaseException as exc:
             error = exc
+            if not isinstance(exc, Exception) and on_worker_exit is not None:
+                try:
+                    on_worker_exit(exc)
+                except Exception:
+                    logger.exception("Run Telemetry: reporting the prompt worker's exit failed")
             raise
         finally:
             if prompt_id is not None:

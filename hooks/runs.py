@@ -15,6 +15,7 @@ from aiohttp import web
 from ..telemetry.policy import apply_overrides
 from ..telemetry.records import PromptRecord
 from ..telemetry.runs import run_id_problem
+from ..telemetry.sanitize import tags_problem, text_problem
 from .runtime import Runtime
 from .webhooks import webhook_body_problem
 
@@ -26,15 +27,90 @@ PRIVATE_KEYS = ("attempt", "retry_of")
 # extra_data keys ComfyUI (or this package) stamps at submission: a retry gets fresh ones.
 STAMPED_KEYS = ("create_time", "run_telemetry_queued_ms")
 
+# Scene and story fields a run's artifact-metadata.json takes from the tags: each must be text (or absent).
+TEXT_TAGS = ("title", "prompt", "negative_prompt", "prefix")
+STORY_TEXT = ("logline", "directors_vision", "title")
 
-def telemetry_body_problem(body: Any) -> tuple[str, str] | None:
-    """(parameter, message) for a bad ``extra_data.telemetry`` in a POST /prompt body, or ``None``."""
-    if not isinstance(body, Mapping):
-        return None
+Problem = tuple[str, str]  # (parameter, message)
+BodyCheck = Any  # Callable[[Mapping[str, Any]], Problem | None]
+
+
+def _tags(body: Mapping[str, Any]) -> Any:
     extra = body.get("extra_data")
     if not isinstance(extra, Mapping) or "telemetry" not in extra:
         return None
-    tags = extra["telemetry"]
+    return extra["telemetry"]
+
+
+def prompt_id_problem(body: Mapping[str, Any]) -> Problem | None:
+    """A client-chosen ``prompt_id`` must be valid text (it names the record, the marker and the routes)."""
+    pid = body.get("prompt_id")
+    if isinstance(pid, str):
+        bad = text_problem(pid)
+        if bad:
+            return "prompt_id", f"prompt_id {bad}"
+    return None
+
+
+def tag_values_problem(body: Mapping[str, Any]) -> Problem | None:
+    """Every tag value must be storable: valid text, finite numbers, bounded nesting and size (``sanitize``)."""
+    tags = _tags(body)
+    return tags_problem(tags) if tags is not None else None
+
+
+def story_problem(body: Mapping[str, Any]) -> Problem | None:
+    """``story`` must be an object whose ``id`` is text or a whole number and whose other fields are text; scene
+    fields (``title``, ``prompt``, ``negative_prompt``, ``prefix``) must be text: a run with anything else could not be
+    finalized later."""
+    tags = _tags(body)
+    if not isinstance(tags, Mapping):
+        return None
+    for key in TEXT_TAGS:
+        val = tags.get(key)
+        if val is not None and not isinstance(val, str):
+            return f"extra_data.telemetry.{key}", f"extra_data.telemetry.{key} must be text, not {type(val).__name__}"
+    story = tags.get("story")
+    if story is None:
+        return None
+    if not isinstance(story, Mapping):
+        return "extra_data.telemetry.story", (
+            f'extra_data.telemetry.story must be an object such as {{"id": "lighthouse", "logline": "…"}}, '
+            f"not {type(story).__name__}"
+        )
+    for key in ("id", "Id"):
+        val = story.get(key)
+        if val is not None and (isinstance(val, bool) or not isinstance(val, str | int)):
+            return f"extra_data.telemetry.story.{key}", (
+                f"extra_data.telemetry.story.{key} must be text or a whole number, not {type(val).__name__}"
+            )
+    for key in (*STORY_TEXT, "Logline", "DirectorsVision"):
+        val = story.get(key)
+        if val is not None and not isinstance(val, str):
+            return f"extra_data.telemetry.story.{key}", (
+                f"extra_data.telemetry.story.{key} must be text, not {type(val).__name__}"
+            )
+    scenes = story.get("scenes")
+    if scenes is not None and not isinstance(scenes, list):
+        return "extra_data.telemetry.story.scenes", "extra_data.telemetry.story.scenes must be a list of objects"
+    for i, scene in enumerate(scenes or []):
+        name = f"extra_data.telemetry.story.scenes[{i}]"
+        if not isinstance(scene, Mapping):
+            return name, f"{name} must be an object, not {type(scene).__name__}"
+        sid = scene.get("id")
+        if sid is not None and (isinstance(sid, bool) or not isinstance(sid, str | int)):
+            return f"{name}.id", f"{name}.id must be text or a whole number, not {type(sid).__name__}"
+        for key in ("title", "prompt", "negative_prompt"):
+            val = scene.get(key)
+            if val is not None and not isinstance(val, str):
+                return f"{name}.{key}", f"{name}.{key} must be text, not {type(val).__name__}"
+    return None
+
+
+def run_tags_problem(body: Mapping[str, Any]) -> Problem | None:
+    """Run and scene ids, the frame floor and the policy overrides of ``extra_data.telemetry``."""
+    tags = _tags(body)
+    if tags is None:
+        return None
     if not isinstance(tags, Mapping):
         return "extra_data.telemetry", 'extra_data.telemetry must be an object such as {"run_id": "story-42"}'
     for key in ("run_id", "scene_id"):
@@ -55,6 +131,21 @@ def telemetry_body_problem(body: Any) -> tuple[str, str] | None:
         _, notes = apply_overrides(QueuePolicy(), policy)
         if notes:
             return "extra_data.telemetry.policy", "; ".join(notes)
+    return None
+
+
+# Checks of a POST /prompt body, in order; the first problem found is the answer (400). Others add theirs here.
+PROMPT_CHECKS: list[BodyCheck] = [prompt_id_problem, tag_values_problem, run_tags_problem, story_problem]
+
+
+def telemetry_body_problem(body: Any, checks: list[BodyCheck] | None = None) -> Problem | None:
+    """(parameter, message) for the first problem of a POST /prompt body (``PROMPT_CHECKS``), or ``None``."""
+    if not isinstance(body, Mapping):
+        return None
+    for check in PROMPT_CHECKS if checks is None else checks:
+        problem = check(body)
+        if problem is not None:
+            return problem
     return None
 
 
@@ -170,7 +261,7 @@ def install_runs(rt: Runtime, server: Any) -> None:
                 info["Story"] = dict(story)
                 rt.store.put_run(run_id, info)
 
-        rt.writer.submit(job)
+        getattr(rt, "store_writer", rt.writer).submit(job)  # a store write: never in front of a marker
 
     rt.recorder.add_accept_hook(keep_story_once)
 
@@ -195,7 +286,7 @@ def install_runs(rt: Runtime, server: Any) -> None:
                 info["PolicyOverrides"] = dict(overrides)
                 rt.store.put_run(run_id, info)
 
-        rt.writer.submit(job)
+        getattr(rt, "store_writer", rt.writer).submit(job)  # a store write: never in front of a marker
 
     rt.recorder.add_start_hook(remember_run)
     # First: when a retry follows, the marker step must not announce a .failed the retry may replace.

@@ -5,17 +5,21 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from ..telemetry import __version__
+from ..telemetry.health import HealthMonitor, HealthPolicy, WorkerFacts
 from ..telemetry.paths import UnsafePrefixError, resolve_prefix
 from ..telemetry.policy import QueuePolicy, apply_overrides, policy_from_env
 from ..telemetry.prefix_order import PrefixOrder
 from ..telemetry.recorder import Recorder
+from ..telemetry.records import FINAL_OUTCOMES, PromptRecord
 from ..telemetry.retries import RetryBook
+from ..telemetry.sanitize import TAG_LIMITS, text_problem
 from ..telemetry.store import DEFAULT_RETENTION, Store
 from ..telemetry.writer import Writer
 from .queue import QueueEvents
@@ -25,6 +29,10 @@ logger = logging.getLogger("run_telemetry")
 
 ENV_DIR = "RUN_TELEMETRY_DIR"
 ENV_RETENTION = "RUN_TELEMETRY_RETENTION"
+ENV_MIN_FREE_MB = "RUN_TELEMETRY_MIN_FREE_MB"
+WORKER_THREAD_SUFFIX = (
+    "(prompt_worker)"  # threading names ComfyUI's Thread(target=prompt_worker) "Thread-N (prompt_worker)"
+)
 CUT_OFF_NOTE = "ComfyUI stopped (crash or kill) before this prompt finished; marked on the next start"
 LOST_NOTE = (
     "ComfyUI stopped while this prompt was still queued (ComfyUI does not restore its queue): it never ran; "
@@ -46,6 +54,7 @@ class Runtime:
         output_dir: Callable[[], Path],
         snapshot: Callable[[], dict[str, Any]],
         pending: Callable[[str], bool] = lambda _pid: False,
+        queue_counts: Callable[[], tuple[int, int]] | None = None,
         send: Callable[[str, dict[str, Any]], None] | None = None,
         env: dict[str, str] | None = None,
         peak: tuple[Callable[[], Any], Callable[[Any], tuple[int | None, str]]] | None = None,
@@ -79,7 +88,10 @@ class Runtime:
             logger.warning(
                 "Run Telemetry: %d prompt(s) were cut off by the last stop: %s", len(self.cut_off), self.cut_off
             )
+        # Two threads: markers (and the other finishing steps) on one, every store write on the other, so a slow,
+        # locked or failing store never holds up a marker.
         self.writer = Writer()
+        self.store_writer = Writer("run-telemetry-store")
         self.output_dir = output_dir
         # ComfyUI's folders by UI output type (output, temp, input); set by hooks.install inside ComfyUI.
         self.folder_roots: Callable[[], dict[str, Path]] | None = None
@@ -89,8 +101,9 @@ class Runtime:
         self.prefix_order = PrefixOrder()
         self.snapshot = snapshot
         self.pending = pending
+        self.queue_counts = queue_counts
         self.send = send
-        self.recorder = Recorder(self.store, self.writer, snapshot, peak=peak)
+        self.recorder = Recorder(self.store, self.writer, snapshot, peak=peak, store_writer=self.store_writer)
         # Accepted into / dropped from ComfyUI's queue (hooks/queue.py; the queue is wrapped by hooks.install).
         self.queue_events = QueueEvents()
         self.queue_events.on_accept(self.recorder.accepted)
@@ -106,6 +119,119 @@ class Runtime:
         self.declare_hooks: list[Callable[[str | None, str, str, list[str]], None]] = []
         self._waits: dict[str, int] = {}
         self._waits_lock = threading.Lock()
+        self.tag_limits = TAG_LIMITS
+        # ComfyUI's prompt worker: the thread seen running prompts, and a BaseException that left one (it ends it).
+        self.worker_thread: threading.Thread | None = None
+        self.worker_exit: tuple[float, str] | None = None
+        self.marker_error: tuple[float, str] | None = None
+        self.health_policy = HealthPolicy(
+            stuck_after_seconds=float(self.policy.max_wait_seconds),
+            min_free_bytes=self._min_free_bytes(env),
+            writer_busy_seconds=float(self.policy.post_execution_timeout_seconds) + 60.0,
+        )
+        self.health = HealthMonitor(
+            policy=self.health_policy,
+            worker=self.worker_facts,
+            last_activity=lambda: self.recorder.last_activity,
+            store=lambda: self.store.health().as_dict(),
+            writer_busy=self.writer.busy_seconds,
+            marker_error=lambda: self.marker_error,
+            output_dir=output_dir,
+            store_dir=self.data_dir,
+            snapshot=_cached(snapshot, 5.0),
+        )
+        # Health state changes: callables (previous report or None, report); webhooks send health.changed from here.
+        self.health_listeners = self.health.listeners
+        self.recorder.add_start_hook(self._seen_worker)
+        self.recorder.add_listener(self._after_prompt)
+        self.store.listeners.append(lambda _h: self.writer.submit(self._evaluate_health))
+
+    def _min_free_bytes(self, env: dict[str, str]) -> int:
+        raw = env.get(ENV_MIN_FREE_MB)
+        default = HealthPolicy().min_free_bytes
+        if not raw:
+            return default
+        try:
+            mb = float(raw)
+            if not mb >= 0:
+                raise ValueError("must be a number >= 0")
+            return int(mb * (1 << 20))
+        except ValueError as exc:
+            note = f"{ENV_MIN_FREE_MB}={raw!r} is not a number of MiB >= 0 ({exc}); keeping {default >> 20}"
+            logger.error("Run Telemetry: %s", note)
+            self.notes.append(note)
+            return default
+
+    # --- health ---
+
+    def _seen_worker(self, rec: PromptRecord, prompt: Any) -> None:
+        """Start hook (on ComfyUI's prompt worker): remember the thread, to tell later whether it is alive."""
+        thread = threading.current_thread()
+        if thread is not threading.main_thread():
+            self.worker_thread = thread
+
+    def worker_exiting(self, exc: BaseException) -> None:
+        """A BaseException that is not an Exception (SystemExit …) left a prompt: it ends ComfyUI's worker thread."""
+        self.worker_exit = (time.time(), f"{type(exc).__name__}: {exc}"[:300])
+        logger.warning("Run Telemetry: %s left a prompt; ComfyUI's prompt worker thread ends", self.worker_exit[1])
+        # The thread is still unwinding: look again once it is gone.
+        for delay in (0.2, 1.0, 5.0):
+            self.writer.submit_after(delay, self._evaluate_health)
+
+    def _find_worker(self) -> threading.Thread | None:
+        if self.worker_thread is None:
+            for thread in threading.enumerate():
+                if thread.name.endswith(WORKER_THREAD_SUFFIX):
+                    self.worker_thread = thread
+                    break
+        return self.worker_thread
+
+    def worker_facts(self) -> WorkerFacts:
+        """ComfyUI's prompt worker: found, alive, why it exited, and what its queue holds."""
+        thread = self._find_worker()
+        running = queued = 0
+        if self.queue_counts is not None:
+            try:
+                running, queued = self.queue_counts()
+            except Exception as exc:
+                logger.debug("queue counts unavailable: %s", exc)
+        exit_ = self.worker_exit
+        return WorkerFacts(
+            found=thread is not None,
+            alive=thread is not None and thread.is_alive(),
+            exit_reason=exit_[1] if exit_ else None,
+            exit_at=exit_[0] if exit_ else None,
+            running=running,
+            queued=queued,
+        )
+
+    def _after_prompt(self, rec: PromptRecord) -> None:
+        """Recorder listener: the last marker write's result, for the marker writer check."""
+        if rec.Outcome not in FINAL_OUTCOMES or not rec.Markers:
+            return
+        before = self.marker_error
+        bad = [m for m in rec.Markers if m.State == "error"]
+        if bad:
+            self.marker_error = (time.time(), f"prefix {bad[0].Prefix!r}: {bad[0].Error}")
+        elif any(m.State in ("written", "failed") for m in rec.Markers):
+            self.marker_error = None
+        if (before is None) != (self.marker_error is None):
+            self._evaluate_health()
+
+    def _evaluate_health(self) -> None:
+        try:
+            self.health.evaluate()
+        except Exception:
+            logger.exception("Run Telemetry: health evaluation failed")
+
+    def notes_now(self) -> list[str]:
+        """Start-up notes plus the store's state, for ``GET /telemetry``'s ``FallbackNotes``."""
+        store_note = self.store.health().note()
+        return [*self.notes, store_note] if store_note else list(self.notes)
+
+    def flush(self, timeout: float = 10.0) -> bool:
+        """Run every finishing step and store write submitted so far (tests, shutdown)."""
+        return self.writer.flush(timeout) and self.store_writer.flush(timeout)
 
     def cancel_queued(self, items: list[Any], how: str) -> None:
         """Dequeue hook: prompts removed from ComfyUI's queue unrun get final ``cancelled`` records."""
@@ -120,10 +246,18 @@ class Runtime:
 
     def policy_view(self) -> dict[str, Any]:
         """The queue policy in force (from the environment) and the notes about invalid values."""
-        return {**self.policy.as_dict(), "QueueConfig": self.policy.queue_config(), "Notes": list(self.policy_notes)}
+        return {
+            **self.policy.as_dict(),
+            "QueueConfig": self.policy.queue_config(),
+            "TagLimits": self.tag_limits.as_dict(),
+            "Notes": list(self.policy_notes),
+        }
 
     def count_wait(self, prompt_id: str) -> None:
-        """A consumer waited on (or polled) a prompt: counted as a history attempt."""
+        """A consumer waited on (or polled) a known prompt: counted as a history attempt.
+
+        Callers count only ids the recorder or ComfyUI's queue knows: an id that never existed costs no memory.
+        """
         with self._waits_lock:
             self._waits[prompt_id] = self._waits.get(prompt_id, 0) + 1
             if len(self._waits) > 50_000:  # bounded: forget the oldest half
@@ -181,6 +315,19 @@ class Runtime:
                 logger.exception("Run Telemetry: marker declaration hook failed for node %s", node_id)
 
 
+def _cached(fn: Callable[[], dict[str, Any]], ttl: float) -> Callable[[], dict[str, Any]]:
+    """``fn`` called at most once per ``ttl`` seconds (the health check reads the probe chain through it)."""
+    state: list[Any] = [None, -1e9]
+
+    def get() -> dict[str, Any]:
+        now = time.monotonic()
+        if state[0] is None or now - state[1] > ttl:
+            state[0], state[1] = fn(), now
+        return state[0]
+
+    return get
+
+
 _RUNTIME: Runtime | None = None
 _LOCK = threading.Lock()
 
@@ -235,6 +382,9 @@ def expand_prefix(prefix: str, *, width: int = 0, height: int = 0) -> str:
 
 def prefix_problem(prefix: str) -> str | None:
     """Why ``prefix`` may not be used as a marker prefix, or ``None`` when it is safe."""
+    bad_text = text_problem(prefix) if isinstance(prefix, str) else None
+    if bad_text:
+        return f"filename_prefix {bad_text}"
     try:
         resolve_prefix(output_directory(), prefix)
     except UnsafePrefixError as exc:

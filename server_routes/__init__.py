@@ -10,9 +10,9 @@ from typing import Any
 
 from aiohttp import web
 
-from . import meta, metrics, prompts, runs, status, webhooks
+from . import health, meta, metrics, prompts, runs, status, webhooks
 
-MODULES = (status, prompts, meta, metrics, runs, webhooks)
+MODULES = (status, prompts, meta, metrics, runs, webhooks, health)
 
 
 def add_routes(routes: web.RouteTableDef, rt: Any) -> None:

@@ -41,8 +41,14 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
 
         return
 
+    health = getattr(rt, "health", None)
+    store = getattr(rt, "store", None)
     metrics = TelemetryMetrics(
-        snapshot=CachedSnapshot(rt.snapshot).get, version=str(getattr(rt, "version", "")), lookup=rt.recorder.get
+        snapshot=CachedSnapshot(rt.snapshot).get,
+        version=str(getattr(rt, "version", "")),
+        lookup=rt.recorder.get,
+        health=health.evaluate if health is not None else None,
+        store=(lambda: store.health().as_dict()) if hasattr(store, "health") else None,
     )
     metrics.record_crashed(len(getattr(rt, "cut_off", None) or ()))
     rt.recorder.add_listener(metrics.observe)

@@ -87,6 +87,28 @@ _WEBHOOKS = {
     },
 }
 
+HEALTH = {
+    "type": "object",
+    "required": ["Status", "Checks"],
+    "properties": {
+        "Status": {"type": "string", "enum": ["ok", "degraded", "down"]},
+        "CheckedAt": {"type": "string"},
+        "Checks": {
+            "type": "array",
+            "items": {
+                "type": "object",
+                "required": ["Name", "Status", "Detail"],
+                "properties": {
+                    "Name": {"type": "string"},
+                    "Status": {"type": "string", "enum": ["ok", "degraded", "down"]},
+                    "Detail": {"type": "string"},
+                    "Since": {"type": "string", "nullable": True},
+                },
+            },
+        },
+        "Policy": {"type": "object"},
+    },
+}
 PROMPT_ID = {"name": "prompt_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
 RUN_ID = {"name": "run_id", "in": "path", "required": True, "schema": {"type": "string", "minLength": 1}}
 
@@ -195,6 +217,22 @@ def build_openapi(version: str) -> dict[str, Any]:
                         "content": {"application/json": {"schema": _WEBHOOKS}},
                     },
                     "503": _ERROR,
+                },
+            }
+        },
+        "/telemetry/health": {
+            "get": {
+                "summary": "Readiness and liveness: store, marker writer, output folder, free disk, probe chain, "
+                "ComfyUI's prompt worker",
+                "responses": {
+                    "200": {
+                        "description": "ok or degraded (ComfyUI runs prompts)",
+                        "content": {"application/json": {"schema": HEALTH}},
+                    },
+                    "503": {
+                        "description": "down: ComfyUI's prompt worker has exited or is stuck",
+                        "content": {"application/json": {"schema": HEALTH}},
+                    },
                 },
             }
         },

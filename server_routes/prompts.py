@@ -83,9 +83,7 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
         """Return the record as soon as the prompt ends (200), or its current state after ``timeout`` (202)."""
         prompt_id = request.match_info["prompt_id"]
         timeout = float_param(request, "timeout", 30.0, 0.0, max_wait)
-        if hasattr(rt, "count_wait"):
-            rt.count_wait(prompt_id)
-        fut = waiters.add(prompt_id)
+        fut = waiters.add(prompt_id)  # removed in the finally below: an unknown id leaves nothing behind
         try:
             rec = rt.recorder.get(prompt_id)  # after add(): a finish between the two cannot be missed
             if rec is None and not rt.pending(prompt_id):
@@ -94,6 +92,8 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
                 rec = rt.recorder.get(prompt_id)
                 if rec is None:
                     return unknown(prompt_id)
+            if hasattr(rt, "count_wait"):
+                rt.count_wait(prompt_id)  # only ids that exist are counted: per-id memory is bounded by real prompts
             if rec is None or rec.Outcome not in FINAL_OUTCOMES:
                 try:
                     rec = await asyncio.wait_for(asyncio.shield(fut), timeout)

@@ -179,7 +179,7 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
                 if llm is not None:
                     info = dict(rt.store.run_info(run_id) or {})
                     info["LLMHealthInfo"] = llm
-                    rt.writer.submit(lambda: rt.store.put_run(run_id, info))
+                    getattr(rt, "store_writer", rt.writer).submit(lambda: rt.store.put_run(run_id, info))
                 folder = Path(meta["RunDir"])
                 try:
                     report = finalize_files(folder, meta, render_summary(meta), output_dir=rt.output_dir())
@@ -195,7 +195,7 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
                 info["FinalizedAt"] = time.time()
                 rt.store.put_run(run_id, info)
 
-            rt.writer.submit(stamp)
+            getattr(rt, "store_writer", rt.writer).submit(stamp)  # a store write: never in front of a marker
             result = {
                 "RunId": run_id,
                 "RunDir": str(folder),

@@ -10,9 +10,12 @@ from typing import Any
 
 from aiohttp import web
 
+from ..telemetry.recorder import RECORD_MAX_DEPTH
+from ..telemetry.sanitize import clean_value
 from .common import int_param
 
 SNAPSHOT_TTL = 1.0
+HEALTH_MAX_AGE = 2.0  # GET /telemetry shows a health report at most this old (GET /telemetry/health is always fresh)
 
 
 class CachedSnapshot:
@@ -39,6 +42,22 @@ class CachedSnapshot:
             return self._value, self._at
 
 
+def dumps(body: Any) -> bytes:
+    """Strict JSON (no NaN, valid text); a value that cannot be written is escaped, never a 500 for every client."""
+    try:
+        return json.dumps(body, allow_nan=False).encode()
+    except (ValueError, TypeError, RecursionError):
+        return json.dumps(clean_value(body, max_depth=RECORD_MAX_DEPTH), allow_nan=False).encode()
+
+
+def health_summary(report: dict[str, Any] | None) -> dict[str, Any] | None:
+    """The overall status and the failing checks of a health report (the sidebar's line)."""
+    if report is None:
+        return None
+    failing = [c for c in report["Checks"] if c["Status"] != "ok"]
+    return {"Status": report["Status"], "Failing": failing, "CheckedAt": report["CheckedAt"]}
+
+
 def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
     """Register GET /telemetry."""
     cached = CachedSnapshot(rt.snapshot)
@@ -51,21 +70,33 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
         snap, snap_at = cached.get_stamped()
         # Same prompts (recorder version), same snapshot and notes: the same body, served without rebuilding it.
         hooks = getattr(rt, "webhooks", None)
-        key = (rt.recorder.version, snap_at, len(rt.notes), hooks.version if hooks is not None else None)
+        store = getattr(rt, "store", None)
+        health = rt.health.evaluate(max_age=HEALTH_MAX_AGE) if hasattr(rt, "health") else None
+        key = (
+            rt.recorder.version,
+            snap_at,
+            len(rt.notes),
+            hooks.version if hooks is not None else None,
+            getattr(store, "health_version", 0),
+            health["CheckedAt"] if health else None,
+        )
         hit = bodies.get(limit)
         if hit is not None and hit[0] == key:
             return web.Response(body=hit[1], content_type="application/json")
-        notes = list(dict.fromkeys([*rt.notes, *(snap.get("FallbackNotes") or [])]))
+        own = rt.notes_now() if hasattr(rt, "notes_now") else rt.notes
+        notes = list(dict.fromkeys([*own, *(snap.get("FallbackNotes") or [])]))
         body = {
             "Package": "run-telemetry",
             "Version": rt.version,
             "Snapshot": snap,
             "FallbackNotes": notes,
+            "Store": store.health().as_dict() if hasattr(store, "health") else None,
+            "Health": health_summary(health),
             "Policy": rt.policy_view() if hasattr(rt, "policy_view") else None,
             "Prompts": [r.summary() for r in rt.recorder.recent(limit)],
             "Webhooks": hooks.summary() if hooks is not None else None,
         }
-        raw = json.dumps(body).encode()
+        raw = dumps(body)
         if len(bodies) >= 32:
             bodies.clear()
         bodies[limit] = (key, raw)

@@ -45,6 +45,7 @@ _MAX_CLASS_TYPE_CHARS = 128
 _DEDUPE_SIZE = 4096
 
 OUTCOMES: tuple[str, ...] = ("success", "error", "interrupted", "crashed", "cancelled", "lost")
+HEALTH_STATUSES: tuple[str, ...] = ("ok", "degraded", "down")
 MARKER_STATES: tuple[str, ...] = ("written", "failed", "error", "skipped", "pending")
 NOTE_SOURCES: tuple[str, ...] = (
     "nvml",
@@ -82,7 +83,7 @@ _NOTE_RULES: tuple[tuple[re.Pattern[str], str], ...] = tuple(
         (r"^snapshot failed|^memory before came from", "probe"),
         (r"^scene retry failed|retry budget|^retry of ", "retry"),
         (r"marker|^renaming onto", "marker"),
-        (r"^store write failed|^comfyui stopped", "store"),
+        (r"^store write failed|^comfyui stopped|^telemetry store |^record reduced", "store"),
         (r"polic|^invalid (scene_|run_telemetry_)|^run_telemetry_", "policy"),
         (r"^start hook|^contract telemetry failed| not installed \(", "hook"),
     )
@@ -158,6 +159,83 @@ class _VramCollector(Collector):
         yield source
 
 
+class _HealthCollector(Collector):
+    """Scrape-time gauges from the health report (``telemetry.health``) and the store's state."""
+
+    def __init__(
+        self, health: Callable[[], Mapping[str, Any]] | None, store: Callable[[], Mapping[str, Any]] | None
+    ) -> None:
+        self._health = health
+        self._store = store
+
+    def describe(self) -> Iterable[Metric]:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        if self._store is not None:
+            try:
+                ok = bool(self._store().get("Ok"))
+            except Exception as exc:
+                logger.debug("metrics: store health failed: %s", exc)
+                ok = False
+            yield GaugeMetricFamily(
+                f"{PREFIX}_store_ok",
+                "1 while the telemetry store writes to its file without trouble; 0 when it is damaged (moved aside), "
+                "unwritable or full (memory-only), or locked by another process (see GET /telemetry/health).",
+                value=1.0 if ok else 0.0,
+            )
+        if self._health is None:
+            return
+        try:
+            report = self._health()
+        except Exception as exc:
+            logger.debug("metrics: health failed: %s", exc)
+            return
+        status = GaugeMetricFamily(
+            f"{PREFIX}_health_status", "1 for the worker's overall health status now.", labels=["status"]
+        )
+        for name in HEALTH_STATUSES:
+            status.add_metric([name], 1.0 if report.get("Status") == name else 0.0)
+        yield status
+        ok = GaugeMetricFamily(
+            f"{PREFIX}_health_check_ok", "1 when a health check passes, 0 when degraded or down.", labels=["check"]
+        )
+        down = GaugeMetricFamily(
+            f"{PREFIX}_health_check_down", "1 when a health check says ComfyUI will not run prompts.", labels=["check"]
+        )
+        since = GaugeMetricFamily(
+            f"{PREFIX}_health_check_failing_since_seconds",
+            "Unix time a failing health check started failing; 0 while it passes.",
+            labels=["check"],
+        )
+        for check in report.get("Checks") or []:
+            name = str(check.get("Name"))
+            ok.add_metric([name], 1.0 if check.get("Status") == "ok" else 0.0)
+            down.add_metric([name], 1.0 if check.get("Status") == "down" else 0.0)
+            since.add_metric([name], _epoch(check.get("Since")))
+        yield ok
+        yield down
+        yield since
+        worker = next((c for c in report.get("Checks") or [] if c.get("Name") == "prompt_worker"), None)
+        if worker is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_prompt_worker_up",
+                "1 while ComfyUI's prompt worker thread is alive and not stuck, 0 otherwise.",
+                value=0.0 if worker.get("Status") == "down" else 1.0,
+            )
+
+
+def _epoch(value: Any) -> float:
+    if not isinstance(value, str):
+        return 0.0
+    from datetime import datetime
+
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+    except ValueError:
+        return 0.0
+
+
 class _WithoutCreated(Collector):
     """The registry's families less their ``_created`` samples, which the text format turns into extra gauges."""
 
@@ -182,9 +260,12 @@ class TelemetryMetrics:
         max_class_types: int = DEFAULT_MAX_CLASS_TYPES,
         registry: CollectorRegistry | None = None,
         lookup: Callable[[str], PromptRecord | None] | None = None,
+        health: Callable[[], Mapping[str, Any]] | None = None,
+        store: Callable[[], Mapping[str, Any]] | None = None,
     ) -> None:
         """``snapshot`` feeds the VRAM gauges at scrape time; ``lookup`` (the recorder's ``get``) tells a finished
-        record from one published while its finishing steps (markers, contract) have yet to run."""
+        record from one published while its finishing steps (markers, contract) have yet to run; ``health`` (the
+        health report) and ``store`` (the store's state, ``StoreHealth.as_dict``) feed the health gauges."""
         self.registry = registry or CollectorRegistry(auto_describe=True)
         self._lookup = lookup
         self.max_class_types = max(0, int(max_class_types))
@@ -283,6 +364,8 @@ class TelemetryMetrics:
                 self.webhook_failed_tries.labels(event=event, reason=reason)
         if snapshot is not None:
             self.registry.register(_VramCollector(snapshot))
+        if health is not None or store is not None:
+            self.registry.register(_HealthCollector(health, store))
 
     # --- updates ---
 

@@ -23,6 +23,7 @@ from .records import (
     iso,
 )
 from .runs import run_id_problem
+from .sanitize import TAG_LIMITS, clean_value, tags_problem
 from .store import Store
 from .writer import Writer
 
@@ -34,6 +35,12 @@ MIB = 1048576.0
 # run (the write's GIL time would otherwise come out of the prompt's own time).
 RUNNING_ROW_DELAY = 0.05
 TAG_NODE = "TelemetryCapture"
+# The longest a prompt's markers wait for its running row to reach the store (kill -9 recovery needs the row: the next
+# start marks the prompt cut off and removes a half-written marker's temp file). A store that is locked, slow or in
+# trouble costs the markers at most this, once; while the store reports a problem they do not wait at all.
+MARKER_STORE_WAIT_SECONDS = 0.1
+# Levels kept when a whole record has to be reduced: the tag limit plus the record's own nesting.
+RECORD_MAX_DEPTH = TAG_LIMITS.max_depth + 8
 
 Snapshot = dict[str, Any]
 Finisher = Callable[[PromptRecord], None]
@@ -166,9 +173,39 @@ def node_timings(
 _LISTING_EXCLUDE = frozenset({"Workflow", "Tags", "Before", "After", "Nodes", "Outputs"})
 
 
+def dump_record(rec: PromptRecord) -> tuple[PromptRecord, str]:
+    """(record, its JSON without the workflow): ``rec`` itself when it serialises, else a reduced copy with a note.
+
+    A record can hold a value no JSON writer accepts (a lone surrogate, nesting past the serialiser's limit) that
+    reached it by a way the submission checks do not cover: it is then stored and served with such values escaped or
+    cut (``sanitize.clean_value``), so one client's value never stops another's record, route or marker.
+    """
+    try:
+        return rec, rec.model_dump_json(exclude={"Workflow"})
+    except Exception as exc:  # pydantic-core's serialisation error, RecursionError, UnicodeEncodeError …
+        reason = f"{type(exc).__name__}: {str(exc)[:200]}"
+    try:
+        data = clean_value(rec.model_dump(mode="python", exclude={"Workflow"}), max_depth=RECORD_MAX_DEPTH)
+        reduced = PromptRecord.model_validate(data)
+    except Exception as exc:  # the record's own shape is broken: keep what identifies it
+        reduced = PromptRecord(
+            PromptId=str(clean_value(rec.PromptId)),
+            Outcome=rec.Outcome,
+            FallbackNotes=[f"record could not be rebuilt: {type(exc).__name__}"],
+        )
+    note = f"record reduced for storage: a value could not be serialised ({reason}); such values are escaped or cut"
+    reduced.FallbackNotes.append(str(clean_value(note)))
+    logger.warning("Run Telemetry: record of prompt %r reduced for storage: %s", reduced.PromptId, reason)
+    return reduced, reduced.model_dump_json(exclude={"Workflow"})
+
+
 def _copy(rec: PromptRecord, *, running: bool = False, listing: bool = False) -> PromptRecord:
     """A reader's copy of a record another thread may be changing: one serialization (atomic under the GIL)."""
-    copy = PromptRecord.model_validate_json(rec.model_dump_json(exclude=_LISTING_EXCLUDE if listing else {"Workflow"}))
+    try:
+        body = rec.model_dump_json(exclude=_LISTING_EXCLUDE if listing else {"Workflow"})
+    except Exception:  # a value no JSON writer accepts: the reduced copy (never a 500 for every reader)
+        body = dump_record(rec)[1]
+    copy = PromptRecord.model_validate_json(body)
     if running:
         copy.Outcome = "running"
     return copy
@@ -232,9 +269,17 @@ class Recorder:
         recent_size: int = 500,
         peak: tuple[Callable[[], Any], Callable[[Any], tuple[int | None, str]]] | None = None,
         running_row_delay: float = RUNNING_ROW_DELAY,
+        store_writer: Writer | None = None,
+        marker_store_wait: float = MARKER_STORE_WAIT_SECONDS,
     ) -> None:
+        """``writer`` runs the finishing steps (markers first); ``store_writer`` (default: the same thread) runs every
+        store write, so a slow, locked or failing store never holds up a marker."""
         self.store = store
         self.writer = writer
+        self.store_writer = store_writer or writer
+        self.marker_store_wait = marker_store_wait
+        # monotonic time of the last prompt start or end, or node return: the health check's "nothing ran since"
+        self.last_activity = time.monotonic()
         self._snapshot = snapshot
         self._clock = clock
         self._perf = perf
@@ -332,7 +377,7 @@ class Recorder:
             self._final_json.pop(prompt_id, None)
             self._queued[prompt_id] = rec
             self.version += 1
-        self.writer.submit_after(self.running_row_delay, lambda: self._persist_queued(rec))
+        self.store_writer.submit_after(self.running_row_delay, lambda: self._persist_queued(rec))
         return rec
 
     def started(self, prompt_id: str, prompt: Mapping[str, Any] | None, extra_data: Mapping[str, Any] | None) -> None:
@@ -374,9 +419,10 @@ class Recorder:
             self._live[prompt_id] = live
             self.current_prompt_id = prompt_id
             self.version += 1
+        self.last_activity = time.monotonic()
         # No copy here: the writer serializes the live record in one pydantic-core call, which holds the GIL, so
         # it sees either all or none of a concurrent change made on this thread (a span, a marker, a note).
-        self.writer.submit_after(self.running_row_delay, lambda: self._persist_running(live))
+        self.store_writer.submit_after(self.running_row_delay, lambda: self._persist_running(live))
 
     def node_called(
         self, prompt_id: str | None, node_id: str, class_type: str | None, seconds: float, dynprompt: Any = None
@@ -401,6 +447,7 @@ class Recorder:
             t[1] += 1
         if dynprompt is not None and live.dynprompt is None:
             live.dynprompt = dynprompt
+        self.last_activity = time.monotonic()
 
     def span_start(self, node_id: str, label: str, prompt_id: str | None = None) -> None:
         """Open a TelemetryCapture span (idempotent: ComfyUI may ask a lazy node twice)."""
@@ -461,6 +508,7 @@ class Recorder:
     ) -> None:
         """The executor returned: take the time and the snapshot after; the writer builds the final record."""
         end_perf = self._perf()
+        self.last_activity = time.monotonic()
         now = self._clock()
         with self._lock:
             live = self._live.pop(prompt_id, None)
@@ -631,6 +679,10 @@ class Recorder:
     def _apply_tags(self, rec: PromptRecord, tags: dict[str, Any]) -> None:
         if not tags:
             return
+        problem = tags_problem(tags, "tags")
+        if problem is not None:  # refused at POST /prompt; this prompt came by another way (or an older queue)
+            tags = clean_value(tags)
+            rec.FallbackNotes.append(str(clean_value(f"tags reduced: {problem[1]}")))
         rec.Tags.update(tags)
         if tags.get("run_id"):
             rec.RunId = str(tags["run_id"])
@@ -663,11 +715,13 @@ class Recorder:
         if success_at is not None:
             rec.ExecutionSuccessAt = iso(success_at)
         if outcome != "success":
+            # A node's own text (its exception message) goes into records and .failed markers: made valid text here.
             rec.Error = PromptError(
-                NodeId=str(data["node_id"]) if data.get("node_id") is not None else None,
-                NodeType=data.get("node_type"),
-                ExceptionType=data.get("exception_type") or ("Interrupted" if outcome == "interrupted" else None),
-                Message=data.get("exception_message")
+                NodeId=clean_value(str(data["node_id"])) if data.get("node_id") is not None else None,
+                NodeType=clean_value(data.get("node_type")),
+                ExceptionType=clean_value(data.get("exception_type"))
+                or ("Interrupted" if outcome == "interrupted" else None),
+                Message=clean_value(data.get("exception_message"))
                 or ("Interrupted by the user" if outcome == "interrupted" else None),
             )
         cached = set(cached_nodes(end.messages))
@@ -684,9 +738,7 @@ class Recorder:
 
     def _finish(self, live: _Live, end: _End) -> None:
         if live.record.Markers and not live.row_written:
-            # Marker files are about to be written: a kill in the middle must find this prompt's row after the
-            # restart (to mark it cut off and remove the half-written temp file), even for a prompt under the delay.
-            self._persist_running(live, publish=False)
+            self._running_row_before_markers(live)
         try:
             rec = self._complete(live, end)
         except Exception as exc:  # never lose the prompt: store what there is, say why the rest is missing
@@ -713,26 +765,76 @@ class Recorder:
         self._finalize(rec)
 
     def _finalize(self, rec: PromptRecord) -> None:
-        """Run the finishers, store the final record and publish it (writer thread)."""
-        for name, fn in self._finishers:
-            try:
-                fn(rec)
-            except Exception as exc:
-                logger.exception("Run Telemetry: finishing step %s failed for prompt %s", name, rec.PromptId)
-                rec.FallbackNotes.append(f"{name} failed: {type(exc).__name__}: {exc}")
-        rec.Workflow = rec.Submission = None  # needed only by the finishers (retry); keeps stored records small
-        body = rec.model_dump_json(exclude={"Workflow"})
-        self._store(rec, body)
+        """Run the finishers (markers first), publish the final record, hand it to the store (writer thread)."""
+        prompt_id = rec.PromptId
+        try:
+            for name, fn in self._finishers:
+                try:
+                    fn(rec)
+                except Exception as exc:
+                    logger.exception("Run Telemetry: finishing step %s failed for prompt %s", name, rec.PromptId)
+                    rec.FallbackNotes.append(f"{name} failed: {type(exc).__name__}: {exc}")
+            rec.Workflow = rec.Submission = None  # needed only by the finishers (retry); keeps stored records small
+            rec, body = dump_record(rec)
+        except Exception as exc:  # last resort: the prompt must leave "finishing" whatever happened above
+            logger.exception("Run Telemetry: finishing prompt %s failed", prompt_id)
+            rec = PromptRecord(
+                PromptId=str(clean_value(prompt_id)),
+                Outcome=rec.Outcome if rec.Outcome in FINAL_OUTCOMES else "error",
+                Seq=rec.Seq,
+                FallbackNotes=[f"record lost while finishing: {type(exc).__name__}"],
+            )
+            body = rec.model_dump_json(exclude={"Workflow"})
         with self._lock:
             self._recent[rec.PromptId] = rec
             self._final_json[rec.PromptId] = body.encode()
             while len(self._final_json) > self._recent_size:
                 self._final_json.popitem(last=False)
+            self._finishing.pop(prompt_id, None)
             self._finishing.pop(rec.PromptId, None)
             self.version += 1
             while len(self._recent) > self._recent_size:
                 self._recent.popitem(last=False)
+        # Readers see the final record (and the markers it names) now; the store has it once its thread gets to it.
         self._publish(rec)
+        row = (rec.PromptId, rec.RunId, rec.SceneId, rec.Outcome, body, rec.Seq)
+        if self.store_writer is self.writer:
+            self._store_row(*row)
+        else:
+            self.store_writer.submit(lambda: self._store_row(*row))
+
+    def _running_row_before_markers(self, live: _Live) -> None:
+        """Store the running row of a prompt whose markers are about to be written, waiting a bounded moment only.
+
+        A kill in the middle of the marker write must find this prompt's row after the restart (to mark it cut off
+        and remove the half-written temp file), even for a prompt under the running-row delay. The markers wait for
+        it at most ``marker_store_wait`` seconds, and not at all while the store reports a problem (locked, damaged,
+        in memory) or its thread is still busy with an earlier write: the row still follows on the store's thread,
+        before the final row.
+        """
+        with self._lock:
+            if live.row_written:
+                return
+            live.row_written = True
+        rec = live.record
+        _, body = dump_record(rec)  # on this thread: the record is not changing now (the worker has let go of it)
+        row = (rec.PromptId, rec.RunId, rec.SceneId, "running", body, rec.Seq)
+        if self.store_writer is self.writer:
+            self._store_row(*row)
+            return
+        stored = threading.Event()
+
+        def job() -> None:
+            try:
+                self._store_row(*row)
+            finally:
+                stored.set()
+
+        busy = self.store_writer.busy_seconds()  # the store's thread, stuck on an earlier write: not worth a wait
+        self.store_writer.submit(job)
+        health = getattr(self.store, "health", None)
+        if (health is None or health().Ok) and (busy is None or busy < self.marker_store_wait):
+            stored.wait(self.marker_store_wait)
 
     def _persist_queued(self, rec: PromptRecord) -> None:
         """Store the row of a prompt still queued (the next start marks it ``lost`` if ComfyUI stops first)."""
@@ -740,7 +842,7 @@ class Recorder:
             if self._queued.get(rec.PromptId) is not rec:
                 return  # started (its running row follows) or dropped (its final row follows) meanwhile
             # Under the lock: started() takes the record out under it before changing it, so this is a clean view.
-            body = rec.model_dump_json(exclude={"Workflow"})
+            body = dump_record(rec)[1]
         self._store(rec, body, outcome="queued")
         self._publish(PromptRecord.model_validate_json(body))
 
@@ -755,17 +857,23 @@ class Recorder:
                     return  # it ended before the delay: its final row follows, the running one is not needed
                 # Called by _finish itself (markers are about to be written): keep the row, without the event.
             live.row_written = True
-        body = rec.model_dump_json(exclude={"Workflow"})  # one call: a consistent view (see started)
-        self._store(rec, body)  # rec.Outcome is "running" until _finish completes it, after this on this thread
+        _, body = dump_record(rec)  # one call: a consistent view (see started)
+        self._store(rec, body, outcome="running")
         if publish:
             self._publish(PromptRecord.model_validate_json(body))
 
     def _store(self, rec: PromptRecord, body: str, *, outcome: str | None = None) -> None:
+        """Store thread: the row of ``rec`` with ``body``."""
+        self._store_row(rec.PromptId, rec.RunId, rec.SceneId, outcome or rec.Outcome, body, rec.Seq)
+
+    def _store_row(
+        self, prompt_id: str, run_id: str | None, scene_id: str | None, outcome: str, body: str, seq: int | None
+    ) -> None:
+        """Store thread: one row. A store problem is handled (and shown) by the store; this logs what is left."""
         try:
-            self.store.put_json(rec.PromptId, rec.RunId, rec.SceneId, outcome or rec.Outcome, body, seq=rec.Seq)
+            self.store.put_json(prompt_id, run_id, scene_id, outcome, body, seq=seq)
         except Exception as exc:
-            logger.exception("Run Telemetry: could not store prompt %s", rec.PromptId)
-            rec.FallbackNotes.append(f"store write failed: {type(exc).__name__}: {exc}")
+            logger.warning("Run Telemetry: could not store prompt %s: %s: %s", prompt_id, type(exc).__name__, exc)
 
     def _publish(self, rec: PromptRecord) -> None:
         for fn in self._listeners:

@@ -42,6 +42,7 @@ class Writer:
         self._clock = clock
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._busy_since: float | None = None
 
     def submit(self, job: Job) -> None:
         """Queue ``job``; the thread starts on first use (and again if it ever ended)."""
@@ -89,12 +90,23 @@ class Writer:
             while later and later[0][0] <= now:
                 self._call(heapq.heappop(later)[2])
 
-    @staticmethod
-    def _call(job: Job) -> None:
+    def _call(self, job: Job) -> None:
+        self._busy_since = time.monotonic()
         try:
             job()
         except Exception:  # a failed write must never kill the thread that serves every later prompt
             logger.exception("Run Telemetry: a background write failed")
+        finally:
+            self._busy_since = None
+
+    def busy_seconds(self) -> float | None:
+        """How long the job running now has run, or ``None`` when the thread is idle."""
+        since = self._busy_since
+        return None if since is None else max(0.0, time.monotonic() - since)
+
+    def is_current(self) -> bool:
+        """Whether the caller runs on this writer's thread."""
+        return threading.current_thread() is self._thread
 
     def flush(self, timeout: float | None = 10.0) -> bool:
         """Run every job submitted before this call, delayed ones included; return False on timeout."""

@@ -229,6 +229,8 @@ export const store = {
   notes: [],
   policy: null,
   webhooks: null, // GET /telemetry's Webhooks summary: counts and the endpoints now failing
+  storeHealth: null, // GET /telemetry's Store: {Ok, Mode, Path, Problem, Since, KeptFile}
+  health: null, // GET /telemetry's Health: {Status, Failing: [{Name, Status, Detail, Since}], CheckedAt}
   version: null,
   statusError: null,
   runs: null, // list from GET /telemetry/runs, null until fetched
@@ -311,6 +313,8 @@ export async function refreshStatus(limit = promptsShown()) {
     store.snapshot = body?.Snapshot ?? null;
     store.notes = Array.isArray(body?.FallbackNotes) ? body.FallbackNotes : [];
     store.policy = body?.Policy ?? null;
+    store.storeHealth = body?.Store ?? null;
+    store.health = body?.Health ?? null;
     store.version = body?.Version ?? null;
     store.webhooks = body?.Webhooks ?? null;
     store.statusError = null;

@@ -136,6 +136,43 @@ function warnings(notes) {
   );
 }
 
+/** The store's trouble (damaged and moved aside, in memory only, locked), shown apart from the other notes. */
+function storeWarning(sh) {
+  if (!sh || sh.Ok !== false) return null;
+  const where =
+    sh.Mode === "memory"
+      ? "records are kept in memory only and are lost on restart"
+      : sh.KeptFile
+        ? "a fresh store is in use"
+        : "writes wait and are retried";
+  return h(
+    "div",
+    { class: "rt-warn rt-store-warn", role: "alert", "data-rt-store": sh.Mode || "" },
+    h("i", { class: "pi pi-database" }),
+    ` Telemetry store: ${sh.Problem || "problem"} — ${where}`,
+    sh.KeptFile ? h("div", { class: "rt-path" }, `kept: ${sh.KeptFile}`) : null,
+    sh.Since ? h("div", { class: "rt-muted" }, `since ${fmtClock(sh.Since)}`) : null,
+  );
+}
+
+/** One line for GET /telemetry/health: the overall status and what fails. */
+function healthLine(health) {
+  if (!health || !health.Status) return null;
+  const failing = health.Failing || [];
+  return h(
+    "div",
+    {
+      class: `rt-health rt-health-${health.Status}`,
+      "data-rt-health": health.Status,
+      role: health.Status === "ok" ? "status" : "alert",
+      title: "GET /telemetry/health",
+    },
+    h("i", { class: `pi ${health.Status === "ok" ? "pi-check-circle" : "pi-exclamation-circle"}` }),
+    ` Health: ${health.Status}`,
+    ...failing.map((c) => h("div", { class: "rt-muted" }, `${c.Name}: ${c.Detail}`)),
+  );
+}
+
 class Panel {
   constructor(el) {
     this.el = el;
@@ -351,7 +388,14 @@ class Panel {
         ),
       );
     }
-    const notes = [...new Set([...(store.notes || []), ...(snap.FallbackNotes || [])])];
+    const hl = healthLine(store.health);
+    if (hl) out.push(hl);
+    const storeWarn = storeWarning(store.storeHealth);
+    if (storeWarn) out.push(storeWarn);
+    // The store's own note is the warning above: not twice.
+    const notes = [...new Set([...(store.notes || []), ...(snap.FallbackNotes || [])])].filter(
+      (n) => !(storeWarn && n.startsWith("telemetry store ")),
+    );
     out.push(...warnings(notes));
     return out;
   }

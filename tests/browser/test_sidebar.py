@@ -255,3 +255,44 @@ def test_page_reload_leaves_no_errors_from_the_package(ed: Editor) -> None:
     ed.open_tab()
     expect(ed.page.locator(f"{PANEL} .rt-prompt").first).to_be_visible(timeout=UI_TIMEOUT_MS)
     ed.assert_clean()
+
+
+LOCKER = """
+import sqlite3, sys, time
+con = sqlite3.connect(sys.argv[1], isolation_level=None, timeout=30)
+con.execute("BEGIN EXCLUSIVE")
+con.execute("INSERT OR REPLACE INTO runs(run_id, created_at, updated_at, info) VALUES ('locker', 0, 0, '{}')")
+open(sys.argv[2], "w").write("locked")
+time.sleep(120)
+"""
+
+
+def test_store_trouble_shows_a_warning_and_the_health_line(ed: Editor, tmp_path) -> None:
+    """A real store problem (another process holds the store's lock) shows as the store warning, then goes away."""
+    import subprocess
+    import sys
+
+    from harness.comfy import wait_until
+
+    ed.open_tab()
+    health = ed.page.locator(f"{PANEL} [data-rt-health]")
+    expect(health).to_have_attribute("data-rt-health", "ok")
+    warn = ed.page.locator(f"{PANEL} .rt-store-warn")
+    expect(warn).to_have_count(0)
+    ready = tmp_path / "locked"
+    store = ed.server.user_dir / "telemetry" / "telemetry.sqlite3"
+    locker = subprocess.Popen([sys.executable, "-c", LOCKER, str(store), str(ready)])
+    try:
+        wait_until(ready.exists, 20, what="the other process to hold the store's lock")
+        wait_record(ed.server, ed.server.queue(wf.frames(uniq("locked"), count=1)))
+        expect(warn).to_be_visible(timeout=30_000)
+        expect(warn).to_contain_text("locked by another process")
+        expect(warn).to_have_attribute("role", "alert")
+        expect(health).to_have_attribute("data-rt-health", "degraded", timeout=30_000)
+        ed.shot("store-warning", panel_only=True)
+    finally:
+        locker.kill()
+        locker.wait(10)
+    # The lock is gone: the held-up write goes through and the warning leaves.
+    expect(warn).to_have_count(0, timeout=30_000)
+    expect(health).to_have_attribute("data-rt-health", "ok", timeout=30_000)

@@ -101,8 +101,19 @@ def label_values(text: str | bytes, label: str, sample_prefix: str = "") -> set[
     return {dict(lbl)[label] for name, lbl in series(text) if name.startswith(sample_prefix) and label in dict(lbl)}
 
 
+HEALTH_REPORT = {
+    "Status": "degraded",
+    "Checks": [
+        {"Name": "prompt_worker", "Status": "ok", "Detail": "alive", "Since": None},
+        {"Name": "store", "Status": "degraded", "Detail": "locked", "Since": "2026-11-29T18:00:00.000Z"},
+    ],
+}
+
+
 def fed_metrics(**kw: Any) -> TelemetryMetrics:
     """Metrics that have seen one of everything, so every family has samples."""
+    kw.setdefault("health", lambda: HEALTH_REPORT)
+    kw.setdefault("store", lambda: {"Ok": False, "Mode": "file"})
     m = TelemetryMetrics(snapshot=gpu_snapshot, version="9.9.9", **kw)
     m.observe(record(markers=["written"], peak=6 * GIB, notes=["nvml failed: x; used torch-cuda instead"]))
     m.observe(record(outcome="error", nodes=[("EmptyImage", 0.0, True), ("RTTestRaise", 0.01, False)]))
@@ -481,3 +492,13 @@ def test_dashboard_is_valid_grafana_json_over_emitted_metrics() -> None:
     check_dashboard_structure(dash)
     emitted = {name for name, _ in series(fed_metrics().exposition())}
     check_dashboard_metric_names(dash, emitted)
+
+
+def test_health_gauges_follow_the_report() -> None:
+    text = fed_metrics().exposition().decode()
+    assert "comfyui_telemetry_store_ok 0.0" in text
+    assert 'comfyui_telemetry_health_status{status="degraded"} 1.0' in text
+    assert 'comfyui_telemetry_health_check_ok{check="store"} 0.0' in text
+    assert 'comfyui_telemetry_health_check_ok{check="prompt_worker"} 1.0' in text
+    assert 'comfyui_telemetry_health_check_failing_since_seconds{check="store"} 1.7959752e+09' in text
+    assert "comfyui_telemetry_prompt_worker_up 1.0" in text

@@ -46,7 +46,7 @@ def replay(rt: Any, entry: dict[str, Any]) -> str:
     _, pid, prompt, extra, _ = entry["prompt"][:5]
     rt.recorder.started(pid, prompt, extra)
     rt.recorder.ended(pid, entry["status"]["messages"], {"outputs": entry["outputs"]})
-    assert rt.writer.flush(10)
+    assert rt.flush(10)
     return pid
 
 
@@ -149,6 +149,6 @@ async def test_cached_final_body_never_hides_a_rerun_of_the_same_id(aiohttp_clie
     listed = await (await client.get("/telemetry?limit=5")).json()
     assert listed["Prompts"][0]["PromptId"] == pid and listed["Prompts"][0]["Outcome"] == "running"
     runtime.recorder.ended(pid, history["p3"]["status"]["messages"], {"outputs": {}})
-    assert await asyncio.to_thread(runtime.writer.flush, 10)
+    assert await asyncio.to_thread(runtime.flush, 10)
     final = await (await client.get(f"/telemetry/prompts/{pid}")).json()
     assert final["Outcome"] == "error"

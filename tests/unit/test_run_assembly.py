@@ -247,7 +247,7 @@ def replay_tagged(rt: Any, entry: dict[str, Any], run_id: str, scene: str) -> st
     _, pid, prompt, extra, _ = entry["prompt"][:5]
     rt.recorder.started(pid, prompt, {**extra, "telemetry": {"run_id": run_id, "scene_id": scene}})
     rt.recorder.ended(pid, entry["status"]["messages"], {"outputs": entry["outputs"]})
-    assert rt.writer.flush(10)
+    assert rt.flush(10)
     return pid
 
 

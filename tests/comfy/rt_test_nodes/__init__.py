@@ -96,7 +96,31 @@ class RTTestFlaky:
         return (image,)
 
 
-NODE_CLASS_MAPPINGS = {"RTTestSleep": RTTestSleep, "RTTestRaise": RTTestRaise, "RTTestFlaky": RTTestFlaky}
+class RTTestExit:
+    """Raises SystemExit: ComfyUI's prompt worker does not catch it, so its thread ends (HTTP keeps answering)."""
+
+    CATEGORY = "rt_test"
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",), "code": ("INT", {"default": 3, "min": 0, "max": 255})}}
+
+    @classmethod
+    def IS_CHANGED(cls, **_):
+        return float("nan")
+
+    def run(self, image, code):
+        raise SystemExit(code)
+
+
+NODE_CLASS_MAPPINGS = {
+    "RTTestSleep": RTTestSleep,
+    "RTTestRaise": RTTestRaise,
+    "RTTestFlaky": RTTestFlaky,
+    "RTTestExit": RTTestExit,
+}
 
 from .marker_cases import NODE_CLASS_MAPPINGS as _MARKER_CASES  # noqa: E402
 
