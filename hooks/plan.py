@@ -149,10 +149,15 @@ class Plans:
         for m in declared_markers(prompt):
             if m.text is None or (partial is not None and m.node_id not in [str(p) for p in partial]):
                 continue
-            if "%width%" in m.text or "%height%" in m.text:
-                continue  # known only once the frames exist: checked when the node runs
+            text = m.text
+            if "%width%" in text or "%height%" in text:
+                # Known only once the frames exist: checked with a stand-in size. Every token expands to digits, so
+                # the '..' or absolute parts are checkable now (unexpanded: no folder is made for a stand-in).
+                text = text.replace("%width%", "1").replace("%height%", "1")
+            else:
+                text = expand_prefix(text)
             try:
-                resolve_prefix(self.output_dir(), expand_prefix(m.text))
+                resolve_prefix(self.output_dir(), text)
             except UnsafePrefixError as exc:
                 problems.append(f"node {m.node_id} ({MARKER_NODE}) input {PREFIX_INPUT}: {exc}")
                 node_errors[m.node_id] = {
@@ -171,7 +176,7 @@ class Plans:
             return None
         error = {
             "type": "prompt_outputs_failed_validation",
-            "message": "A marker prefix would leave the output folder; the whole prompt was refused",
+            "message": "A marker prefix would leave the output folder or cannot name a file; the whole prompt was refused",
             "details": "\n".join(problems),
             "extra_info": {},
         }

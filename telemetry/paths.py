@@ -25,6 +25,12 @@ _RESERVED_NAMES = frozenset(
 )
 
 
+# The longest file name most file systems hold (ext4, XFS, APFS, NTFS: 255 bytes or UTF-16 units, never more than
+# the UTF-8 bytes). A marker's temp file is ``.<stem>.failed.<pid>.<8 hex>.tmp`` (telemetry.atomic): 29 bytes more.
+NAME_MAX = 255
+MAX_FILE_STEM = NAME_MAX - len("..failed.4194304.01234567.tmp")
+
+
 class UnsafePrefixError(ValueError):
     """A prefix that is empty, absolute or would leave the output folder; the message names the input and the fix."""
 
@@ -72,6 +78,24 @@ def _check_text(prefix: str, input_name: str) -> list[str]:
             raise _refuse(
                 input_name, prefix, f"uses {segment!r}, a reserved device name on Windows", "choose another name"
             )
+    for segment in segments[:-1]:
+        if len(segment.encode("utf-8", "surrogatepass")) > NAME_MAX:
+            raise _refuse(
+                input_name,
+                prefix,
+                f"has a folder name of {len(segment.encode('utf-8', 'surrogatepass'))} bytes; file systems allow "
+                f"{NAME_MAX}",
+                "shorten it",
+            )
+    size = len(segments[-1].encode("utf-8", "surrogatepass"))
+    if size > MAX_FILE_STEM:
+        raise _refuse(
+            input_name,
+            prefix,
+            f"ends in a file name of {size} bytes: its marker (<name>.failed) and the marker's temp file would "
+            f"exceed the {NAME_MAX}-byte name limit of file systems",
+            f"shorten the last part to at most {MAX_FILE_STEM} bytes",
+        )
     if segments[-1] == ".":
         raise _refuse(
             input_name,

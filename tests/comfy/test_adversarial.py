@@ -1,0 +1,69 @@
+"""Variants of the marker and run cases (issues 17 and 18) that broke main, on real ComfyUI.
+
+Each test is a variant of a kind the field cases stand for: an escaping prefix refused whole (with SaveImage's
+``%width%`` token in it), a prefix no file system can hold a marker for, a cancelled prompt's waiters answered
+before its ``.failed`` is on disk, and an interrupt aimed at another prompt cancelling a run's pending retry.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from pathlib import Path
+
+import pytest
+
+from harness.comfy import ComfyServer, wait_until
+from tests.comfy import workflows as wf
+
+pytestmark = pytest.mark.comfy
+
+
+def uniq(stem: str) -> str:
+    return f"{stem}-{uuid.uuid4().hex[:8]}"
+
+
+def wait_record(server: ComfyServer, prompt_id: str, timeout: float = 60) -> dict:
+    status, body = server.request("GET", f"/telemetry/prompts/{prompt_id}/wait?timeout={timeout}", timeout=timeout + 10)
+    assert status == 200, (status, body)
+    return body
+
+
+def preview_and_marker(prefix: object) -> dict:
+    """EmptyImage -> PreviewImage, and a marker at ``prefix``: the preview runs whenever ComfyUI runs anything."""
+    return {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 7}},
+        "7": {"class_type": "PreviewImage", "inputs": {"images": ["1", 0]}},
+        "4": {"class_type": "WriteDoneMarker", "inputs": {"filename_prefix": prefix, "images": ["1", 0]}},
+    }
+
+
+def blocker(server: ComfyServer, tmp: Path, seconds: float = 120) -> tuple[str, Path]:
+    started = tmp / uniq("started")
+    prompt = wf.with_sleep(wf.frames(uniq("blk"), count=1, marker=False), seconds, started_file=str(started))
+    pid = server.queue(prompt)
+    wait_until(started.exists, 60, what="the blocking prompt to start", interval=0.02)
+    return pid, started
+
+
+# --- a prefix that would leave the output folder, or can never be a marker's file name: refused whole ---
+
+
+@pytest.mark.parametrize("text", ["x/../../../escape/%width%", "../%height%/escape"])
+def test_escaping_prefix_with_size_tokens_refuses_the_whole_prompt(comfy: ComfyServer, text: str) -> None:
+    """``%width%``/``%height%`` are known only once frames exist, but the '..' parts are known at submission."""
+    queue_before = comfy.get("/queue")
+    status, body = comfy.request("POST", "/prompt", {"prompt": preview_and_marker(text)})
+    assert status == 400, body
+    assert "4" in body["node_errors"] and "filename_prefix" in json.dumps(body), body
+    assert comfy.get("/queue") == queue_before
+
+
+@pytest.mark.parametrize("name", ["a" * 240, "\u00e9" * 120])
+def test_prefix_too_long_for_a_marker_file_refuses_the_whole_prompt(comfy: ComfyServer, name: str) -> None:
+    """SaveImage can save ``<name>_00001_.png`` (255 bytes fit), but ``<name>.failed`` and its temp file cannot."""
+    prefix = f"{uniq('long')}/{name}"
+    status, body = comfy.request("POST", "/prompt", {"prompt": preview_and_marker(prefix)})
+    assert status == 400, body
+    text = json.dumps(body)
+    assert "4" in body["node_errors"] and "filename_prefix" in text and "bytes" in text, body
