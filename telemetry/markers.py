@@ -317,6 +317,12 @@ def _write_marker(
     target, other = (done_path, failed_path) if marker.kind == "done" else (failed_path, done_path)
     if DIR_FD_SUPPORTED:
         root, parts = _folder_parts(output_dir, base)
+        try:  # ComfyUI makes its output folder only when something is first saved (get_save_image_path)
+            os.makedirs(root, exist_ok=True)
+        except OSError as exc:
+            raise MarkerWriteError(
+                exc.errno, f"could not create the output folder {root}: {exc.strerror or exc}", root
+            ) from exc
         with open_folder(root, parts, create=True) as fd:
             result = _write_in(fd, target, other, marker, atomic_kwargs)
     else:

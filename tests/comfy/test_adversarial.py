@@ -15,6 +15,7 @@ import pytest
 
 from harness.comfy import ComfyServer, wait_until
 from tests.comfy import workflows as wf
+from tests.conftest import make_server
 
 pytestmark = pytest.mark.comfy
 
@@ -67,3 +68,22 @@ def test_prefix_too_long_for_a_marker_file_refuses_the_whole_prompt(comfy: Comfy
     assert status == 400, body
     text = json.dumps(body)
     assert "4" in body["node_errors"] and "filename_prefix" in text and "bytes" in text, body
+
+
+# --- ComfyUI's output folder not made yet: a .failed all the same ---
+
+
+def test_failed_marker_is_written_before_comfyui_made_its_output_folder() -> None:
+    """A fresh ComfyUI makes its output folder at the first save: a prompt that fails before it still gets .failed."""
+    server = make_server("0.3.75")
+    try:
+        server.start()
+        assert not server.output_dir.exists()  # nothing saved yet
+        prefix = f"{uniq('first')}/frame"
+        rec = wait_record(server, server.queue(wf.with_raise(wf.frames(prefix, count=1), "fails first")))
+        assert rec["Outcome"] == "error"
+        assert [m["State"] for m in rec["Markers"]] == ["failed"], (rec["Markers"], rec["FallbackNotes"])
+        failed = json.loads((server.output_dir / f"{prefix}.failed").read_text())
+        assert failed["PromptId"] == rec["PromptId"] and failed["Message"].strip() == "fails first"
+    finally:
+        server.stop()
