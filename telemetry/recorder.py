@@ -597,7 +597,12 @@ class Recorder:
                 return _copy(live.record)
             finishing = self._finishing.get(prompt_id)
             if finishing is not None:
-                return _copy(finishing, running=finishing.Outcome not in UNRUN_OUTCOMES)
+                # Final only once the finishing steps ran (its .done/.failed on disk, so a waiter can read it next):
+                # until then one that ran reads "running", one that never ran (cancelled, lost) "queued".
+                copy = _copy(finishing, running=True)
+                if finishing.Outcome in UNRUN_OUTCOMES:
+                    copy.Outcome = "queued"
+                return copy
             queued = self._queued.get(prompt_id)
             if queued is not None:
                 return _copy(queued)

@@ -87,3 +87,32 @@ def test_failed_marker_is_written_before_comfyui_made_its_output_folder() -> Non
         assert failed["PromptId"] == rec["PromptId"] and failed["Message"].strip() == "fails first"
     finally:
         server.stop()
+
+
+# --- a cancelled prompt: its waiters answer once its .failed is on disk ---
+
+
+def test_cleared_prompts_answer_their_waiters_after_their_failed_markers(comfy: ComfyServer, tmp_path: Path) -> None:
+    run_id = uniq("cleared")
+    comfy.output_dir.mkdir(exist_ok=True)  # as after any save (a missing one is the test below)
+    block, _ = blocker(comfy, tmp_path)
+    try:
+        scenes = [f"s{i}" for i in range(8)]
+        tags = [{"telemetry": {"run_id": run_id, "scene_id": s}} for s in scenes]
+        ids = [
+            comfy.queue(wf.frames(f"{run_id}/{s}", count=1), extra_data=t) for s, t in zip(scenes, tags, strict=True)
+        ]
+        status, _ = comfy.request("POST", "/queue", {"clear": True})
+        assert status == 200
+        missing = []
+        for scene, pid in zip(scenes, ids, strict=True):
+            rec = wait_record(comfy, pid, 10)
+            assert rec["Outcome"] == "cancelled", rec
+            # The answer is final: the .failed a consumer of the prefix reads next is already there.
+            if not (comfy.output_dir / run_id / f"{scene}.failed").exists():
+                missing.append(scene)
+        assert not missing, f"waiters answered 'cancelled' before the .failed of {missing} was written"
+        assert all(wait_record(comfy, pid)["Markers"][0]["State"] == "failed" for pid in ids)
+    finally:
+        comfy.interrupt()
+    assert wait_record(comfy, block)["Outcome"] == "interrupted"
