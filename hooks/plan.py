@@ -136,6 +136,7 @@ class Plans:
         self._last: tuple[Any, Mapping[str, Any], list[str] | None] | None = None
         self.current_node: str | None = None
         self.current_prompt: str | None = None
+        self.interrupts = 0  # interrupts ComfyUI was asked to make (a POST /interrupt aimed elsewhere makes none)
         self._trusted_cache: dict[str, bool] = {}
 
     # --- submission (aiohttp's loop) ---
@@ -270,7 +271,8 @@ class Plans:
         return {"outputs": outputs}
 
     def interrupted(self) -> None:
-        """An interrupt was requested: note the node executing now (the prompt worker's current node)."""
+        """An interrupt was requested: count it, note the node executing now (the prompt worker's current node)."""
+        self.interrupts += 1
         plan = self.get(self.current_prompt) if self.current_prompt else None
         node = self.current_node
         if plan is not None and node is not None and plan.interrupted_node is None:

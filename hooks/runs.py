@@ -218,13 +218,19 @@ def make_middleware(known: Callable[[str], bool] | None = None) -> Any:
     return run_telemetry_prompt_check
 
 
-def make_interrupt_middleware(on_interrupt: Callable[[], None]) -> Any:
-    """An aiohttp middleware calling ``on_interrupt()`` after ComfyUI handled POST /interrupt."""
+def make_interrupt_middleware(on_interrupt: Callable[[], None], count: Callable[[], int | None] = lambda: None) -> Any:
+    """An aiohttp middleware calling ``on_interrupt()`` after ComfyUI handled POST /interrupt, if it interrupted.
+
+    ``count()`` is the number of interrupts ComfyUI was asked to make so far (``None``: unknown, every POST counts):
+    ComfyUI 0.3.6x+ skips ``{"prompt_id": X}`` when X is not running, and that must not cancel anyone's retries.
+    """
 
     @web.middleware
     async def run_telemetry_interrupt(request: web.Request, handler: Any) -> web.StreamResponse:
+        watched = request.method == "POST" and request.path in INTERRUPT_PATHS
+        before = count() if watched else None
         response = await handler(request)
-        if request.method == "POST" and request.path in INTERRUPT_PATHS:
+        if watched and (before is None or count() != before):
             try:
                 on_interrupt()
             except Exception:
@@ -237,7 +243,9 @@ def make_interrupt_middleware(on_interrupt: Callable[[], None]) -> Any:
 def install_runs(rt: Runtime, server: Any) -> None:
     """Wire the middlewares, the attempt accounting, the run-information start hook and the retry finisher."""
     server.app.middlewares.append(make_middleware(rt.recorder.known))
-    server.app.middlewares.append(make_interrupt_middleware(lambda: cancel_pending_retries(rt, server)))
+    server.app.middlewares.append(
+        make_interrupt_middleware(lambda: cancel_pending_retries(rt, server), lambda: interrupts_made(rt))
+    )
     book = rt.retries
 
     def cleared(items: list[Any], how: str) -> None:
@@ -291,6 +299,20 @@ def install_runs(rt: Runtime, server: Any) -> None:
     rt.recorder.add_start_hook(remember_run)
     # First: when a retry follows, the marker step must not announce a .failed the retry may replace.
     rt.recorder.add_finisher("scene retry", lambda rec: retry_failed_scene(rt, server, rec), first=True)
+
+
+def interrupts_made(rt: Runtime) -> int | None:
+    """Interrupts ComfyUI was asked to make (counted by the ``interrupt attribution`` wrapper), or ``None``."""
+    try:
+        import comfy.model_management as mm
+
+        from .plan import WRAPPED
+
+        if rt.plans is None or not getattr(mm.interrupt_current_processing, WRAPPED, False):
+            return None
+    except Exception:
+        return None
+    return rt.plans.interrupts
 
 
 def cancel_pending_retries(rt: Runtime, server: Any) -> list[str]:

@@ -116,3 +116,25 @@ def test_cleared_prompts_answer_their_waiters_after_their_failed_markers(comfy: 
     finally:
         comfy.interrupt()
     assert wait_record(comfy, block)["Outcome"] == "interrupted"
+
+
+# --- an interrupt aimed at another prompt is no interrupt of the run's retries ---
+
+
+def test_interrupt_naming_a_prompt_that_is_not_running_keeps_pending_retries(
+    comfy: ComfyServer, tmp_path: Path
+) -> None:
+    """0.3.75 ignores ``POST /interrupt {"prompt_id": X}`` unless X runs; 0.3.52 interrupts whatever runs."""
+    run_id = uniq("aimed")
+    failing = comfy.queue(wf.with_capture(wf.with_raise(wf.frames(uniq("aimed/frame"), count=1)), run_id=run_id))
+    block, _ = blocker(comfy, tmp_path, seconds=3)
+    retry = wait_record(comfy, failing)["RetriedBy"]
+    assert retry, "the failing scene was not retried"
+    status, _ = comfy.request("POST", "/interrupt", {"prompt_id": str(uuid.uuid4())})
+    assert status == 200
+    interrupted = wait_record(comfy, block)["Outcome"] == "interrupted"  # 0.3.52: a global interrupt
+    rec = wait_record(comfy, retry)
+    if interrupted:
+        assert rec["Outcome"] == "cancelled", rec
+    else:
+        assert rec["Outcome"] == "error" and rec["Attempt"] == 2, (rec["Outcome"], rec["FallbackNotes"])
