@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Mapping
@@ -49,15 +50,48 @@ def _parse_iso(value: str | None) -> float | None:
 
 
 def clean_cut_off_temps(rt: Runtime) -> None:
-    """Remove the temp files a kill left beside the markers of prompts cut off by the last stop (their writer is gone)."""
+    """Finish the markers of prompts cut off by the last stop (their writer is gone), before any prompt is accepted.
+
+    The temp files a kill left beside them are removed, and every declared prefix that holds no marker of the prompt
+    gets its ``.failed`` (``Outcome: "error"``, the cut-off note as ``Message``): a consumer waiting on the prefix of
+    a prompt killed while it ran, or while its files settled, is answered. A marker the kill let through is kept.
+    """
     for prompt_id in getattr(rt, "cut_off", None) or ():
         try:
             rec = rt.store.get(prompt_id)
+            changed = False
             for m in rec.Markers if rec else ():
+                if not m.Prefix:
+                    continue
                 for path in marker_paths(resolve_prefix(rt.output_dir(), m.Prefix)):
                     remove_stale_temps(path)
+                changed |= _fail_cut_off_marker(rt, rec, m)
+            if changed:
+                rt.store.put(rec)
         except Exception as exc:  # best effort: a leftover temp file is hidden and harmless to readers
             logger.warning("Run Telemetry: could not clean up after cut-off prompt %s: %s", prompt_id, exc)
+
+
+def _fail_cut_off_marker(rt: Runtime, rec: PromptRecord, m: MarkerState) -> bool:
+    """Write ``.failed`` for a cut-off prompt's marker unless its prefix holds a marker of this prompt; changed?"""
+    if m.State not in ("pending", "error"):
+        return False
+    out = rt.output_dir()
+    for path in marker_paths(resolve_prefix(out, m.Prefix)):
+        try:
+            if json.loads(path.read_text(encoding="utf-8")).get("PromptId") == rec.PromptId:
+                return False  # written before the kill: whole (atomic rename)
+        except (OSError, ValueError, AttributeError):
+            continue
+    note = next((n for n in reversed(rec.FallbackNotes) if "stopped" in n), "ComfyUI stopped before it finished")
+    marker = FailedMarker(PromptId=rec.PromptId, Prefix=m.Prefix, Outcome="error", Message=note)
+    try:
+        result = write_failed_marker(out, m.Prefix, marker)
+    except (MarkerWriteError, UnsafePrefixError, OSError) as exc:
+        m.State, m.Error = "error", f"cut off by the last stop; its .failed could not be written: {exc}"
+        return True
+    m.State, m.Outcome, m.Path = "failed", "error", str(result.path)
+    return True
 
 
 def _expand(text: str) -> str:

@@ -138,3 +138,31 @@ def test_interrupt_naming_a_prompt_that_is_not_running_keeps_pending_retries(
         assert rec["Outcome"] == "cancelled", rec
     else:
         assert rec["Outcome"] == "error" and rec["Attempt"] == 2, (rec["Outcome"], rec["FallbackNotes"])
+
+
+# --- a kill -9 while the marker waits for late files: the prefix is answered after the restart ---
+
+
+def test_kill_while_a_marker_settles_leaves_failed_after_restart() -> None:
+    server = make_server("0.3.75")
+    try:
+        server.start()
+        prefix = f"{uniq('kill-settle')}/frame"
+        p: dict = {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 64, "height": 64, "batch_size": 1, "color": 3}}
+        }
+        p["2"] = {"class_type": "RTTestLateSave", "inputs": {"images": ["1", 0], "filename_prefix": prefix, "delay": 5}}
+        p["3"] = {"class_type": "WriteDoneMarker", "inputs": {"filename_prefix": prefix, "images": ["1", 0]}}
+        pid = server.queue(p)
+        server.wait_history(pid, 60)  # ComfyUI is done with it; the marker waits for the late files
+        assert server.get(f"/telemetry/prompts/{pid}")["Outcome"] == "running"
+        server.kill9()
+        server.start()
+        rec = server.get(f"/telemetry/prompts/{pid}")
+        assert rec["Outcome"] == "crashed"
+        assert not (server.output_dir / f"{prefix}.done").exists()
+        failed = json.loads((server.output_dir / f"{prefix}.failed").read_text())
+        assert failed["PromptId"] == pid and failed["Outcome"] == "error" and "stopped" in failed["Message"], failed
+        assert [(m["State"], m["Outcome"]) for m in rec["Markers"]] == [("failed", "error")], rec["Markers"]
+    finally:
+        server.stop()
