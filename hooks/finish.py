@@ -128,7 +128,7 @@ def _clear(rt: Runtime, rec: PromptRecord, prefix: str) -> None:
         except MarkerWriteError as exc:
             rec.FallbackNotes.append(f"could not remove the previous marker for {prefix!r}: {exc}")
 
-    rt.prefix_order.claim(key, rec.PromptId, clear)
+    rt.prefix_order.claim(key, rec.PromptId, clear, order=rec.Seq)
 
 
 def _declare(rt: Runtime, rec: PromptRecord, prompt: Mapping[str, Any], targets: list[str] | None) -> None:

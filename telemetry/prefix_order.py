@@ -22,6 +22,8 @@ class _Claim:
     prompt_id: str
     ended: bool = False  # the prompt's execution ended: its marker write is due (writer thread)
     clear: Callable[[], None] | None = None  # this prompt's stale-marker clear, waiting for earlier writes
+    order: int | None = None  # acceptance order (the record's Seq), when known
+    clear_fn: Callable[[], None] | None = None  # the clear itself, to run again after an earlier prompt's write
 
 
 @dataclass
@@ -31,15 +33,29 @@ class PrefixOrder:
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _claims: dict[str, list[_Claim]] = field(default_factory=dict)
 
-    def claim(self, key: str, prompt_id: str, clear: Callable[[], None]) -> bool:
-        """``prompt_id`` declares a marker at ``key``: clear now if no earlier claim is open (True), else later."""
+    def claim(self, key: str, prompt_id: str, clear: Callable[[], None], order: int | None = None) -> bool:
+        """``prompt_id`` declares a marker at ``key``: clear now if no earlier claim is open (True), else later.
+
+        ``order`` is the prompt's acceptance order. A prefix known only when the prompt runs is claimed late: the
+        claim goes before the open claims of prompts accepted after it that have not ended, and the first of those
+        clears again right after this prompt's write (as if both had been claimed at acceptance).
+        """
         with self._lock:
             claims = self._claims.setdefault(key, [])
             if any(c.prompt_id == prompt_id for c in claims):
                 return False
-            claims.append(_Claim(prompt_id))
-            if len(claims) > 1:
-                claims[-1].clear = clear
+            new = _Claim(prompt_id, order=order, clear_fn=clear)
+            at = len(claims)
+            while order is not None and at > 0:
+                c = claims[at - 1]
+                if c.order is None or c.order < order or c.ended:
+                    break
+                at -= 1
+            claims.insert(at, new)
+            if at + 1 < len(claims) and claims[at + 1].clear is None:
+                claims[at + 1].clear = claims[at + 1].clear_fn  # later-accepted: clear again after this write
+            if at > 0:
+                new.clear = clear
                 return False
             clear()  # under the lock: an earlier prompt's write cannot slip in between
             return True

@@ -166,3 +166,36 @@ def test_kill_while_a_marker_settles_leaves_failed_after_restart() -> None:
         assert [(m["State"], m["Outcome"]) for m in rec["Markers"]] == [("failed", "error")], rec["Markers"]
     finally:
         server.stop()
+
+
+# --- ordering at a prefix known only at run time (M3 with a linked prefix) ---
+
+
+def test_prefix_known_at_run_time_keeps_acceptance_order(comfy: ComfyServer, tmp_path: Path) -> None:
+    """B (prefix P from a node's output) is accepted before C (P as text); C is still queued when B ends.
+
+    With both prefixes as text, C's clear runs right after B's write, so nothing at P passes for C's result while C
+    is queued. The same must hold when B's prefix is known only once B runs.
+    """
+    prefix = f"{uniq('order-linked')}/frame"
+    first = tmp_path / "first-started"
+    between = tmp_path / "between-started"
+    block0 = comfy.queue(wf.with_sleep(wf.frames(uniq("blk"), count=1, marker=False), 1.5, started_file=str(first)))
+    wait_until(first.exists, 60, what="the first blocker to start", interval=0.02)
+    b: dict = {"9": {"class_type": "RTTestText", "inputs": {"text": prefix}}}
+    b["1"] = {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 1, "color": 5}}
+    b["3"] = {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": ["9", 0]}}
+    b["4"] = {"class_type": "WriteDoneMarker", "inputs": {"filename_prefix": ["9", 0], "images": ["1", 0]}}
+    pid_b = comfy.queue(b)
+    block1 = comfy.queue(wf.with_sleep(wf.frames(uniq("blk"), count=1, marker=False), 2.0, started_file=str(between)))
+    pid_c = comfy.queue(wf.frames(prefix, count=1))
+    wait_until(between.exists, 60, what="the second blocker to start", interval=0.02)
+    rec_b = wait_record(comfy, pid_b)
+    assert rec_b["Markers"][0]["State"] == "written"
+    assert comfy.get(f"/telemetry/prompts/{pid_c}")["Outcome"] == "queued"
+    done = comfy.output_dir / f"{prefix}.done"
+    assert not done.exists(), f"while C is queued, P holds {json.loads(done.read_text())['PromptId']} (B is {pid_b})"
+    for pid in (block0, block1):
+        wait_record(comfy, pid)
+    wait_record(comfy, pid_c)
+    assert json.loads(done.read_text())["PromptId"] == pid_c
