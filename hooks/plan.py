@@ -32,6 +32,10 @@ logger = logging.getLogger("run_telemetry")
 WRAPPED = "__run_telemetry_wrapped__"
 MARKER_NODE = "WriteDoneMarker"
 PREFIX_INPUT = "filename_prefix"
+SIZE_TOKENS_NEED_IMAGES = (
+    "filename_prefix {text!r} uses %width%/%height%, which SaveImage takes from its frames; the marker has no images "
+    "input to take them from, so it would land elsewhere: connect its images input to the frames you save"
+)
 CORE_MODULES = ("nodes", "comfy_extras.", "comfy_api_nodes.")
 # Core string nodes whose output is a function of literal inputs: a prefix linked from them is known at submission.
 STRING_SOURCES: dict[str, Callable[[Callable[[str], str | None]], str | None]] = {
@@ -151,13 +155,16 @@ class Plans:
             if m.text is None or (partial is not None and m.node_id not in [str(p) for p in partial]):
                 continue
             text = m.text
-            if "%width%" in text or "%height%" in text:
+            sized = "%width%" in text or "%height%" in text
+            if sized:
                 # Known only once the frames exist: checked with a stand-in size. Every token expands to digits, so
                 # the '..' or absolute parts are checkable now (unexpanded: no folder is made for a stand-in).
                 text = text.replace("%width%", "1").replace("%height%", "1")
             else:
                 text = expand_prefix(text)
             try:
+                if sized and "images" not in ((prompt.get(m.node_id) or {}).get("inputs") or {}):
+                    raise UnsafePrefixError(SIZE_TOKENS_NEED_IMAGES.format(text=m.text))
                 resolve_prefix(self.output_dir(), text)
             except UnsafePrefixError as exc:
                 problems.append(f"node {m.node_id} ({MARKER_NODE}) input {PREFIX_INPUT}: {exc}")

@@ -95,6 +95,11 @@ class WriteDoneMarker:
                 "link a STRING (for example a PrimitiveString) or type the prefix"
             )
         batches = [b for b in items(images) if b is not None]
+        if not batches and ("%width%" in prefixes[0] or "%height%" in prefixes[0]):
+            raise ValueError(
+                f"WriteDoneMarker {node_id}: filename_prefix {prefixes[0]!r} uses %width%/%height%, which SaveImage "
+                "takes from its frames; connect the marker's images input to the frames you save"
+            )
         frames = sum(int(b.shape[0]) for b in batches if hasattr(b, "shape")) if batches else None
         size = tuple(batches[0].shape[1:3]) if batches and hasattr(batches[0], "shape") else (0, 0)
         # SaveImage's own expansion (%year%, %width% ...): the marker lands beside the frames of the same text.

@@ -199,3 +199,25 @@ def test_prefix_known_at_run_time_keeps_acceptance_order(comfy: ComfyServer, tmp
         wait_record(comfy, pid)
     wait_record(comfy, pid_c)
     assert json.loads(done.read_text())["PromptId"] == pid_c
+
+
+# --- SaveImage's size tokens in a marker that has no frames to take the size from ---
+
+
+def test_size_tokens_in_a_marker_without_images_are_refused(comfy: ComfyServer) -> None:
+    """SaveImage expands %width% from its frames; a marker hung on ``trigger`` would expand it to 0, elsewhere."""
+    stem = uniq("size-trigger")
+    p = wf.frames(f"{stem}/w%width%/frame", count=1, size=48)
+    p["4"] = {
+        "class_type": "WriteDoneMarker",
+        "inputs": {"filename_prefix": f"{stem}/w%width%/frame", "trigger": ["2", 0]},
+    }
+    status, body = comfy.request("POST", "/prompt", {"prompt": p})
+    assert status == 400, body
+    assert "4" in body["node_errors"] and "images" in json.dumps(body), body
+    # By link, known only when it runs: the marker node fails the prompt, naming the input, instead of a marker at w0.
+    p["9"] = {"class_type": "RTTestText", "inputs": {"text": f"{stem}/w%width%/frame"}}
+    p["4"]["inputs"]["filename_prefix"] = ["9", 0]
+    rec = wait_record(comfy, comfy.queue(p))
+    assert rec["Outcome"] == "error" and rec["Error"]["NodeId"] == "4" and "images" in rec["Error"]["Message"]
+    assert not list((comfy.output_dir / stem).rglob("*.done"))
