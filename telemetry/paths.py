@@ -45,6 +45,13 @@ def _check_text(prefix: str, input_name: str) -> list[str]:
     if not prefix.strip():
         raise _refuse(input_name, prefix, "is empty", f"{relative_fix}")
     for index, char in enumerate(prefix):
+        if unicodedata.category(char) == "Cs":  # a lone surrogate: no file system can name it, no JSON can hold it
+            raise _refuse(
+                input_name,
+                prefix,
+                f"holds a lone surrogate ({ord(char):#06x}) at position {index}",
+                "send valid Unicode text",
+            )
         if unicodedata.category(char) == "Cc":
             raise _refuse(
                 input_name,

@@ -70,6 +70,18 @@ def test_prefix_too_long_for_a_marker_file_refuses_the_whole_prompt(comfy: Comfy
     assert "4" in body["node_errors"] and "filename_prefix" in text and "bytes" in text, body
 
 
+@pytest.mark.parametrize("text", ["sur\udcffx/frame", "scene/\ud800"])
+def test_prefix_with_a_lone_surrogate_refuses_the_whole_prompt(comfy: ComfyServer, text: str) -> None:
+    """Field case I2 in a prefix: no file can be named by it, so nothing runs, and every route still answers."""
+    queue_before = comfy.get("/queue")
+    status, body = comfy.request("POST", "/prompt", {"prompt": preview_and_marker(text)})
+    assert status == 400, body
+    assert "4" in body["node_errors"] and "lone surrogate" in json.dumps(body), body
+    assert comfy.get("/queue") == queue_before
+    for path in ("/telemetry", "/telemetry/runs", "/telemetry/health", "/telemetry/metrics"):
+        assert comfy.request("GET", path)[0] == 200, path
+
+
 # --- ComfyUI's output folder not made yet: a .failed all the same ---
 
 
