@@ -4,7 +4,7 @@ Each check answers ``ok``, ``degraded`` (telemetry works in part: the worker sti
 not run a queued prompt: its prompt worker thread has exited, or a prompt has waited while nothing ran for longer than
 the policy's max wait). The report's ``Status`` is the worst check's. ``Since`` is when a check left ``ok`` (ISO 8601
 UTC), kept while it stays failing. Listeners hear of every change of the overall status or of the set of failing
-checks (``health.changed`` for webhooks); evaluation happens on demand (the route, a metrics scrape, a prompt's end, a
+checks (``health.changed`` for webhooks), and of a first report that is not ok; evaluation happens on demand (the route, a metrics scrape, a prompt's end, a
 store state change): no timer thread, so an idle worker stays idle.
 """
 
@@ -261,7 +261,9 @@ class HealthMonitor:
                 "CheckedAt": iso(now),
                 "Policy": self.policy.as_dict(),
             }
-            previous, changed = self._last, _key(self._last) != _key(report)
+            previous = self._last
+            # A first report that is all ok is the starting state, not a change: listeners hear of none.
+            changed = _key(previous) != _key(report) and not (previous is None and overall == "ok")
             self._last, self._last_at = report, now
         if changed:
             level = logging.INFO if overall == "ok" else logging.WARNING

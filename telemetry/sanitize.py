@@ -23,12 +23,18 @@ class TagLimits:
     """Limits on ``extra_data.telemetry`` (shown in ``GET /telemetry`` under ``Policy.TagLimits``)."""
 
     max_depth: int = 32
-    max_bytes: int = 1_000_000
+    max_bytes: int = 1_000_000  # every tag but the story
+    max_story_bytes: int = 16_000_000  # the run's story (stored once per run, not in every record)
     max_int: int = 2**63 - 1
 
     def as_dict(self) -> dict[str, int]:
         """Plain form for JSON."""
-        return {"MaxDepth": self.max_depth, "MaxBytes": self.max_bytes, "MaxInteger": self.max_int}
+        return {
+            "MaxDepth": self.max_depth,
+            "MaxBytes": self.max_bytes,
+            "MaxStoryBytes": self.max_story_bytes,
+            "MaxInteger": self.max_int,
+        }
 
 
 TAG_LIMITS = TagLimits()
@@ -51,10 +57,13 @@ def tags_problem(
     tags: Any, name: str = "extra_data.telemetry", limits: TagLimits = TAG_LIMITS
 ) -> tuple[str, str] | None:
     """(field, message) for the first value of ``tags`` that breaks a limit, or ``None``. Iterative: any depth is safe."""
-    size = 0
+    sizes = {"": 0, "story": 0}  # the story has a budget of its own
+    story_path = f"{name}.story"
     stack: list[tuple[str, Any, int, str]] = [(name, tags, 0, name)]
     while stack:
         path, value, depth, top = stack.pop()
+        part = "story" if top == story_path else ""
+        size = 0
         if value is None or isinstance(value, bool):
             size += 5
         elif isinstance(value, str):
@@ -92,10 +101,13 @@ def tags_problem(
                     stack.append((f"{path}[{i}]", item, depth + 1, top if depth else f"{path}[{i}]"))
         else:
             return path, f"{path} must be JSON (text, number, true/false, null, list or object), not {_describe(value)}"
-        if size > limits.max_bytes:
+        sizes[part] += size
+        if sizes[""] > limits.max_bytes:
             return name, (
                 f"{name} is larger than the limit of {limits.max_bytes} bytes (1 MB) for tags; keep large data out of them"
             )
+        if sizes["story"] > limits.max_story_bytes:
+            return story_path, f"{story_path} is larger than the limit of {limits.max_story_bytes} bytes for a story"
     return None
 
 
