@@ -81,9 +81,11 @@ def server(request: pytest.FixtureRequest, receiver: Receiver) -> Iterator[Comfy
         env={
             "RUN_TELEMETRY_WEBHOOK_URL": f"{receiver.url}, ftp://files.example/drop",
             "RUN_TELEMETRY_WEBHOOK_SECRET": SECRET,
-            "RUN_TELEMETRY_WEBHOOK_EVENTS": "prompt.ended,run.finalized,prompt.done",
+            "RUN_TELEMETRY_WEBHOOK_EVENTS": "prompt.ended,run.finalized,health.changed,prompt.done",
             "RUN_TELEMETRY_WEBHOOK_RETRY_BASE_SECONDS": "0.2",
             "RUN_TELEMETRY_WEBHOOK_TIMEOUT_SECONDS": "3",
+            # No disk has 100 TB free: the health report's free_disk check is degraded from the start.
+            "RUN_TELEMETRY_MIN_FREE_MB": "100000000",
         },
     )
     s.start()
@@ -109,7 +111,7 @@ def test_bad_environment_is_noted_and_the_secret_never_shown(server: ComfyServer
     (endpoint,) = status["Config"]["Endpoints"]
     assert endpoint == {
         "Url": receiver.url,
-        "Events": ["prompt.ended", "run.finalized"],
+        "Events": ["health.changed", "prompt.ended", "run.finalized"],
         "Signed": True,
         "Source": "environment",
     }
@@ -117,6 +119,20 @@ def test_bad_environment_is_noted_and_the_secret_never_shown(server: ComfyServer
         assert SECRET not in json.dumps(server.get(path))
     assert SECRET not in server.log_text()
     assert "/telemetry/webhooks" in server.get("/telemetry/openapi.json")["paths"]
+
+
+def test_the_health_report_is_announced_as_health_changed(server: ComfyServer, receiver: Receiver) -> None:
+    report = server.get("/telemetry/health")
+    assert report["Status"] == "degraded", report
+    wait_until(lambda: receiver.events("health.changed"), 60, what="health.changed at the receiver")
+    (req,) = receiver.events("health.changed")  # one change so far: the first report (this one or a prompt's)
+    assert verify(SECRET, req.body, req.headers["X-Run-Telemetry-Signature"])
+    body = req.json()
+    jsonschema.validate(body, json.loads(schema_path("health.changed").read_text()))
+    data = body["Data"]
+    assert data["State"] == "degraded" and data["Previous"] is None
+    assert any(r.startswith("free_disk: ") and "under 100000000 MiB" in r for r in data["Reasons"]), data["Reasons"]
+    assert {c["Name"] for c in data["Checks"]} == {c["Name"] for c in report["Checks"]}
 
 
 def test_prompt_ended_is_signed_and_names_the_written_marker(server: ComfyServer, receiver: Receiver) -> None:
