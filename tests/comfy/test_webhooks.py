@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import jsonschema
+import psutil
 import pytest
 
 from harness.comfy import ComfyServer, free_port, wait_until
@@ -58,6 +59,12 @@ def threads_of(pid: int) -> int:
     raise AssertionError("no Threads line")
 
 
+def connections_to(pid: int, port: int) -> int:
+    """Established TCP connections of process ``pid`` to ``port`` on 127.0.0.1."""
+    conns = psutil.Process(pid).net_connections(kind="tcp")
+    return sum(1 for c in conns if c.raddr and c.raddr.port == port and c.status == psutil.CONN_ESTABLISHED)
+
+
 def rss_mb(pid: int) -> float:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
         if line.startswith("VmRSS:"):
@@ -81,9 +88,11 @@ def server(request: pytest.FixtureRequest, receiver: Receiver) -> Iterator[Comfy
         env={
             "RUN_TELEMETRY_WEBHOOK_URL": f"{receiver.url}, ftp://files.example/drop",
             "RUN_TELEMETRY_WEBHOOK_SECRET": SECRET,
-            "RUN_TELEMETRY_WEBHOOK_EVENTS": "prompt.ended,run.finalized,prompt.done",
+            "RUN_TELEMETRY_WEBHOOK_EVENTS": "prompt.ended,run.finalized,health.changed,prompt.done",
             "RUN_TELEMETRY_WEBHOOK_RETRY_BASE_SECONDS": "0.2",
             "RUN_TELEMETRY_WEBHOOK_TIMEOUT_SECONDS": "3",
+            # No disk has 100 TB free: the health report's free_disk check is degraded from the start.
+            "RUN_TELEMETRY_MIN_FREE_MB": "100000000",
         },
     )
     s.start()
@@ -109,7 +118,7 @@ def test_bad_environment_is_noted_and_the_secret_never_shown(server: ComfyServer
     (endpoint,) = status["Config"]["Endpoints"]
     assert endpoint == {
         "Url": receiver.url,
-        "Events": ["prompt.ended", "run.finalized"],
+        "Events": ["health.changed", "prompt.ended", "run.finalized"],
         "Signed": True,
         "Source": "environment",
     }
@@ -117,6 +126,20 @@ def test_bad_environment_is_noted_and_the_secret_never_shown(server: ComfyServer
         assert SECRET not in json.dumps(server.get(path))
     assert SECRET not in server.log_text()
     assert "/telemetry/webhooks" in server.get("/telemetry/openapi.json")["paths"]
+
+
+def test_the_health_report_is_announced_as_health_changed(server: ComfyServer, receiver: Receiver) -> None:
+    report = server.get("/telemetry/health")
+    assert report["Status"] == "degraded", report
+    wait_until(lambda: receiver.events("health.changed"), 60, what="health.changed at the receiver")
+    (req,) = receiver.events("health.changed")  # one change so far: the first report (this one or a prompt's)
+    assert verify(SECRET, req.body, req.headers["X-Run-Telemetry-Signature"])
+    body = req.json()
+    jsonschema.validate(body, json.loads(schema_path("health.changed").read_text()))
+    data = body["Data"]
+    assert data["State"] == "degraded" and data["Previous"] is None
+    assert any(r.startswith("free_disk: ") and "under 100000000 MiB" in r for r in data["Reasons"]), data["Reasons"]
+    assert {c["Name"] for c in data["Checks"]} == {c["Name"] for c in report["Checks"]}
 
 
 def test_prompt_ended_is_signed_and_names_the_written_marker(server: ComfyServer, receiver: Receiver) -> None:
@@ -305,6 +328,7 @@ def lone(request: pytest.FixtureRequest) -> Iterator[tuple[ComfyServer, int]]:
         env={
             "RUN_TELEMETRY_WEBHOOK_URL": f"http://127.0.0.1:{port}/hook",
             "RUN_TELEMETRY_WEBHOOK_SECRET": SECRET,
+            "RUN_TELEMETRY_WEBHOOK_EVENTS": "prompt.ended",  # one notice per prompt, nothing else in the outbox
             "RUN_TELEMETRY_WEBHOOK_RETRY_BASE_SECONDS": "0.5",
             "RUN_TELEMETRY_WEBHOOK_TIMEOUT_SECONDS": "2",
             "RUN_TELEMETRY_WEBHOOK_OUTBOX_MAX": "20",
@@ -363,6 +387,7 @@ def test_a_receiver_that_never_answers_leaves_threads_and_outbox_bounded(lone: t
         wait_until(lambda: silent.requests, 30, what="the first request at the silent receiver")
         pid = server.proc.pid
         threads_before, rss_before = threads_of(pid), rss_mb(pid)
+        sockets: list[int] = []
         figures = []
         for round_ in range(3):
             ids = [
@@ -371,17 +396,20 @@ def test_a_receiver_that_never_answers_leaves_threads_and_outbox_bounded(lone: t
             ]
             for prompt_id in ids:
                 wait_record(server, prompt_id)
+                sockets.append(connections_to(pid, silent.port))
             mine = [e for e in server.get("/telemetry/webhooks")["Endpoints"] if e["Url"] == silent.url][0]
             figures.append((round_, threads_of(pid), round(rss_mb(pid), 1), mine["Pending"], mine["GivenUp"]))
             assert mine["Pending"] <= 20, mine
             assert server.get("/telemetry/webhooks")["Pending"] <= 20
         print(
-            f"threads before {threads_before}, RSS before {rss_before:.1f} MB; (round, threads, RSS, pending, given up): {figures}"
+            f"threads before {threads_before}, RSS before {rss_before:.1f} MB; (round, threads, RSS, pending, given up): {figures}; connections at most {max(sockets)}"
         )
         assert all(f[1] <= threads_before + 2 for f in figures), (threads_before, figures)
         assert figures[-1][2] - figures[0][2] < 30, figures  # MB over 60 prompts in steady state (no leak per try)
         assert figures[-1][4] >= 90 - 20  # the oldest were given up to keep the bound
-        assert silent.max_in_flight <= 4
+        # ComfyUI's open connections to the receiver, sampled after every prompt (the receiver's own count lags
+        # when a given-up try is cancelled and the next one connects at once).
+        assert max(sockets) <= 4 and max(sockets) >= 1, sockets
         notes = server.get("/telemetry")["FallbackNotes"]
         assert any("webhook outbox full (20 pending)" in n for n in notes), notes
         assert len([r for r in outbox_rows(server) if r[1] == "pending"]) <= 20
