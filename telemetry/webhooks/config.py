@@ -243,6 +243,12 @@ def run_webhook_problem(raw: Any) -> tuple[str, str] | None:
     secret = raw.get("secret")
     if secret is not None and (not isinstance(secret, str) or not secret):
         return f"{where}.secret", f"{where}.secret must be a non-empty string"
+    if isinstance(secret, str):
+        try:
+            secret.encode("utf-8")
+        except UnicodeEncodeError:
+            # JSON lets a body carry a lone surrogate (\ud800): no UTF-8 bytes to sign with, so no signature at all.
+            return f"{where}.secret", f"{where}.secret holds an unpaired surrogate (\\uD800-\\uDFFF); use valid Unicode"
     if "events" in raw and raw["events"] is not None:
         names = _split(raw["events"])
         if names is None or not names:

@@ -258,6 +258,8 @@ def test_a_prompt_cancelled_in_the_queue_is_announced(server: ComfyServer, recei
         ({"url": "ftp://x.example/in"}, "extra_data.telemetry.webhook.url"),
         ({"url": "http://127.0.0.1:9/in", "events": ["prompt.started"]}, "extra_data.telemetry.webhook.events"),
         ({"url": "http://127.0.0.1:9/in", "secret": 42}, "extra_data.telemetry.webhook.secret"),
+        # A lone surrogate has no UTF-8 bytes to sign with (was: accepted, then the run's deliveries lost silently).
+        ({"url": "http://127.0.0.1:9/in", "secret": "key\ud800"}, "extra_data.telemetry.webhook.secret"),
         ("http://127.0.0.1:9/in", "extra_data.telemetry.webhook"),
     ],
 )

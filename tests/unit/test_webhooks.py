@@ -25,7 +25,7 @@ from telemetry.webhooks import (
     verify,
 )
 from telemetry.webhooks.config import RetryPolicy, WebhookConfig
-from telemetry.webhooks.events import EVENT_MODELS, event_body, event_schema_drift, schema_path
+from telemetry.webhooks.events import EVENT_MODELS, event_body, event_schema_drift, schema_path, sign
 from telemetry.webhooks.outbox import parse_retry_after, retry_delay
 from tests.pkg import sub
 from tests.receiver import Receiver
@@ -359,3 +359,21 @@ def test_a_health_report_change_becomes_health_changed(receiver: Receiver, servi
     assert body["Data"]["Reasons"] == ["store: memory only: disk full"]
     assert [c["Name"] for c in body["Data"]["Checks"]] == ["store", "prompt_worker"]
     assert verify(SECRET, req.body, req.headers["X-Run-Telemetry-Signature"])
+
+
+def test_an_environment_secret_of_non_utf8_bytes_signs_with_those_bytes() -> None:
+    # Python keeps an environment's non-UTF-8 bytes as surrogate escapes; signing used to raise on them, losing the
+    # event for every endpoint after the first. The receiver's copy of the variable holds the raw bytes.
+    import hashlib
+    import hmac
+    import os
+
+    secret = os.fsdecode(b"cl\xe9-latin1")
+    config, _ = config_from_env(
+        {"RUN_TELEMETRY_WEBHOOK_URL": "http://127.0.0.1:9/in", "RUN_TELEMETRY_WEBHOOK_SECRET": secret}
+    )
+    (endpoint,) = config.endpoints
+    body = b'{"Event":"prompt.ended"}'
+    expected = "sha256=" + hmac.new(b"cl\xe9-latin1", body, hashlib.sha256).hexdigest()
+    assert sign(endpoint.secret, body) == expected
+    assert sign("clé", body) == "sha256=" + hmac.new("clé".encode(), body, hashlib.sha256).hexdigest()
