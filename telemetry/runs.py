@@ -25,6 +25,7 @@ import pydantic_core
 
 from . import __version__
 from .atomic import (
+    READ_FLAGS,
     MarkerWriteError,
     UnsafePathError,
     atomic_write,
@@ -437,7 +438,7 @@ def read_run_file(output_dir: Path, run_id: str, name: str) -> bytes:
                 refuse_symlinked_file(name, None, folder / name)
                 return (folder / name).read_bytes()
             try:
-                file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                file_fd = os.open(name, READ_FLAGS, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.EMLINK):
                     refuse_symlinked_file(name, fd, folder / name)
