@@ -685,3 +685,32 @@ def test_a_huge_marker_is_refused_without_being_loaded(output: Path) -> None:
     assert report["Status"] == "invalid-marker" and "at most" in report["Problems"][0], report
     # Largest resident size of any child so far, in KiB on Linux: well below the file's size.
     assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 256 * 1024
+
+
+@pytest.mark.parametrize("watcher", ["auto", "poll"])
+def test_a_same_stamp_rewrite_by_the_awaited_prompt_is_seen(output: Path, start_wait, watcher: str) -> None:
+    """A's .done, ignored by wait --prompt-id B, is rewritten in place by B's marker of the same size within the same
+    mtime tick (a coarse file-system clock: FAT/exFAT and many SMB mounts keep 1-2 s; emulated here by setting the old
+    mtime back): B's marker is the answer. (Before: the file's unchanged inode, mtime and size kept it ignored until
+    the timeout.)"""
+    path = output / "scene" / "frame.done"
+    stamp = datetime.now(timezone.utc)
+    first = marker_bytes(DoneMarker(Prefix="scene/frame", PromptId="prompt-A", Timestamp=stamp))
+    second = marker_bytes(DoneMarker(Prefix="scene/frame", PromptId="prompt-B", Timestamp=stamp))
+    assert len(first) == len(second)
+    path.write_bytes(first)
+    before = path.stat()
+    waiter = start_wait(
+        "--output-dir", str(output), "--prefix", "scene/frame", "--prompt-id", "prompt-B", "--timeout", "10",
+        "--watcher", watcher,
+    )  # fmt: skip
+    assert waiter.proc.stderr is not None
+    assert "'prompt-A' is not 'prompt-B'" in waiter.proc.stderr.readline()
+    with path.open("r+b") as handle:
+        handle.write(second)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    code, report, _ = waiter.finish()
+    assert code == 0, report
+    assert report["Marker"]["PromptId"] == "prompt-B"
