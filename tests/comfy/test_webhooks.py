@@ -274,6 +274,26 @@ def test_bad_run_webhook_is_refused_naming_the_field(server: ComfyServer, hook: 
     assert "42" not in answer["error"]["message"] or parameter.endswith("secret")
 
 
+def test_a_run_webhook_aimed_at_this_comfyui_is_refused(server: ComfyServer) -> None:
+    """A run webhook whose URL is this ComfyUI (its port on a loopback or its own address, with or without /api) is
+    refused with 400 naming the URL. (Before: accepted, and each of the run's prompt.ended POSTed to ComfyUI's own
+    /interrupt, interrupting whatever prompt ran next, another client's included.)"""
+    port = int(server.url.rsplit(":", 1)[1])
+    for url in (f"http://127.0.0.1:{port}/interrupt", f"http://localhost:{port}/api/interrupt", f"{server.url}/queue"):
+        body = {
+            "prompt": wf.frames(uniq("self") + "/frame", count=1, size=8),
+            "extra_data": {"telemetry": {"run_id": uniq("r"), "webhook": {"url": url}}},
+        }
+        status, answer = server.request("POST", "/prompt", body)
+        if status == 200:  # show what the worker then does to the next prompt, another client's, queued behind it
+            victim = server.queue(wf.with_sleep(wf.frames(uniq("victim") + "/frame", count=1, size=8), 3))
+            outcome = wait_record(server, victim)["Outcome"]
+            assert outcome == "success", f"a run webhook to {url} made ComfyUI's prompt end {outcome!r}"
+        assert status == 400, (url, answer)
+        assert answer["error"]["parameter"] == "extra_data.telemetry.webhook.url", answer
+        assert "this ComfyUI" in answer["error"]["message"], answer
+
+
 def test_a_receiver_sleeping_10_s_does_not_delay_done_markers(server: ComfyServer) -> None:
     # A first prompt on a fresh server takes 1-3 s from execution_success to its marker with or without webhooks
     # (warm-up on this shared 2-core machine): not what this test measures.

@@ -377,3 +377,26 @@ def test_an_environment_secret_of_non_utf8_bytes_signs_with_those_bytes() -> Non
     expected = "sha256=" + hmac.new(b"cl\xe9-latin1", body, hashlib.sha256).hexdigest()
     assert sign(endpoint.secret, body) == expected
     assert sign("clé", body) == "sha256=" + hmac.new("clé".encode(), body, hashlib.sha256).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("url", "is_self"),
+    [
+        ("http://127.0.0.1:8188/interrupt", True),
+        ("http://127.9.9.9:8188/x", True),
+        ("http://[::1]:8188/api/interrupt", True),
+        ("http://0.0.0.0:8188/queue", True),
+        ("http://LOCALHOST.:8188/x", True),
+        ("http://gpu-box:8188/x", True),  # the Host header the request came with
+        ("http://127.0.0.1:8189/hook", False),  # another port: a receiver
+        ("http://10.0.0.5:8188/hook", False),  # another machine
+        ("https://localhost/hook", False),  # 443 is not ComfyUI's port here
+    ],
+)
+def test_a_url_reaching_this_comfyui_is_recognised(url: str, is_self: bool) -> None:
+    from telemetry.webhooks import self_url_problem
+
+    problem = self_url_problem(url, 8188, ["192.168.1.20", "gpu-box"])
+    assert (problem is not None) == is_self, problem
+    if problem:
+        assert "this ComfyUI itself" in problem
