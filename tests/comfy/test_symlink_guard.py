@@ -210,3 +210,28 @@ def test_a_fifo_in_place_of_a_listed_output_never_stalls_markers(comfy: ComfySer
         assert (comfy.output_dir / folder / "frame.failed").is_file()
         after = comfy.queue(wf.frames(f"fifo-{uuid.uuid4().hex[:8]}/frame", count=1, size=8))
         assert wait_record(comfy, after, timeout=60)["Markers"][0]["State"] == "written"
+
+
+def test_a_hardlinked_run_file_is_not_served_and_finalize_leaves_its_other_name_alone(
+    comfy: ComfyServer, tmp_path: Path
+) -> None:
+    """run-summary.txt replaced by a hard link to a file outside the output folder (same inode, no symlink to see):
+    GET answers 403 without its bytes; finalize writes a new file in the run folder and the outside file is intact.
+    (Before: served with 200, the outside file's bytes.)"""
+    run_id = f"i4h-{uuid.uuid4().hex[:8]}"
+    render_run(comfy, run_id)
+    status, body = comfy.request("POST", f"/telemetry/runs/{run_id}/finalize", {})
+    assert status == 200, body
+    secret = comfy.output_dir.parent / f"secret-{run_id}.txt"  # outside the output folder, on its file system
+    secret.write_text("outside secret\n")
+    summary = Path(body["SummaryPath"])
+    summary.unlink()
+    os.link(secret, summary)
+    status, served = comfy.request("GET", f"/telemetry/runs/{run_id}/run-summary.txt")
+    assert status == 403, (status, served)
+    assert "outside secret" not in json.dumps(served) and "hard link" in served["error"], served
+    status, body = comfy.request("POST", f"/telemetry/runs/{run_id}/finalize", {})
+    assert status == 200, body
+    assert secret.read_text() == "outside secret\n" and os.stat(summary).st_ino != os.stat(secret).st_ino
+    status, served = comfy.request("GET", f"/telemetry/runs/{run_id}/run-summary.txt")
+    assert status == 200 and run_id in served
