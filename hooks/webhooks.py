@@ -17,6 +17,7 @@ from ..telemetry.webhooks import (
     run_webhook_problem,
     self_url_problem,
 )
+from ..telemetry.webhooks.config import display_url
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -99,7 +100,8 @@ def make_self_check_middleware() -> Any:
 
 
 def take_secret(json_data: Any, targets: RunTargets) -> Any:
-    """Submission handler: move a run's webhook secret out of the body before ComfyUI queues (and keeps) it.
+    """Submission handler: move a run's webhook secret (and its URLs' user info and queries) out of the body before
+    ComfyUI queues (and keeps) it.
 
     ComfyUI shows ``extra_data`` in ``/queue`` and ``/history``; the secret is parked in memory under the prompt id,
     which this handler fixes (ComfyUI uses a ``prompt_id`` the body carries) when the client did not.
@@ -114,6 +116,16 @@ def take_secret(json_data: Any, targets: RunTargets) -> Any:
                 prompt_id = json_data.get("prompt_id") or str(uuid.uuid4())
                 json_data["prompt_id"] = prompt_id
                 targets.park_secret(str(prompt_id), secret)
+        urls = hook.get("url") if isinstance(hook, dict) else None
+        urls = [u.strip() for u in urls.split(",")] if isinstance(urls, str) else urls
+        if isinstance(urls, list) and all(isinstance(u, str) for u in urls):
+            urls = [u for u in urls if u]
+            shown = [display_url(u) for u in urls]
+            if shown != urls:  # user info or a query (either may carry a token): kept here, shown without
+                prompt_id = json_data.get("prompt_id") or str(uuid.uuid4())
+                json_data["prompt_id"] = prompt_id
+                targets.park_urls(str(prompt_id), urls)
+                hook["url"] = shown
     except Exception:
         logger.exception("Run Telemetry: webhook submission handler failed")
     return json_data
