@@ -9,7 +9,15 @@ from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
 from ..telemetry.records import FINAL_OUTCOMES, PromptRecord
-from ..telemetry.webhooks import RunTargets, WebhookService, config_from_env, prompt_ended_data, run_webhook_problem
+from ..telemetry.webhooks import (
+    RunTargets,
+    WebhookService,
+    config_from_env,
+    prompt_ended_data,
+    run_webhook_problem,
+    self_url_problem,
+)
+from ..telemetry.webhooks.config import display_url
 
 if TYPE_CHECKING:
     from .runtime import Runtime
@@ -17,6 +25,7 @@ if TYPE_CHECKING:
 logger = logging.getLogger("run_telemetry")
 
 TAG = "webhook"
+PROMPT_PATHS = frozenset({"/prompt", "/api/prompt"})
 _SEEN_SIZE = 4096
 
 
@@ -44,8 +53,55 @@ def webhook_body_problem(body: Any) -> tuple[str, str] | None:
     return run_webhook_problem(tags[TAG])
 
 
+def webhook_self_problem(body: Any, port: int, hosts: list[str]) -> tuple[str, str] | None:
+    """(parameter, message) when a run webhook URL in a POST /prompt body is this ComfyUI itself, or ``None``."""
+    if not isinstance(body, Mapping):
+        return None
+    extra = body.get("extra_data")
+    tags = extra.get("telemetry") if isinstance(extra, Mapping) else None
+    raw = tags.get(TAG) if isinstance(tags, Mapping) else None
+    if not isinstance(raw, Mapping) or run_webhook_problem(raw) is not None:
+        return None
+    urls = raw.get("url")
+    for url in urls.split(",") if isinstance(urls, str) else urls:
+        problem = self_url_problem(url.strip(), port, hosts)
+        if problem:
+            return f"extra_data.telemetry.{TAG}.url", problem
+    return None
+
+
+def make_self_check_middleware() -> Any:
+    """An aiohttp middleware answering 400 to a POST /prompt whose run webhook would call this ComfyUI itself."""
+    from aiohttp import web
+
+    @web.middleware
+    async def run_telemetry_webhook_self_check(request: web.Request, handler: Any) -> web.StreamResponse:
+        if request.method == "POST" and request.path in PROMPT_PATHS:
+            sockname = request.transport.get_extra_info("sockname") if request.transport is not None else None
+            if isinstance(sockname, tuple) and len(sockname) >= 2:
+                try:
+                    body = await request.json()  # aiohttp caches the body: ComfyUI's handler reads it again
+                except (ValueError, UnicodeDecodeError, RecursionError):
+                    body = None
+                hosts = [str(sockname[0]), request.url.host or ""]
+                problem = webhook_self_problem(body, int(sockname[1]), hosts)
+                if problem is not None:
+                    param, message = problem
+                    return web.json_response(
+                        {
+                            "error": {"type": "invalid_telemetry", "message": message, "parameter": param},
+                            "node_errors": {},
+                        },
+                        status=400,
+                    )
+        return await handler(request)
+
+    return run_telemetry_webhook_self_check
+
+
 def take_secret(json_data: Any, targets: RunTargets) -> Any:
-    """Submission handler: move a run's webhook secret out of the body before ComfyUI queues (and keeps) it.
+    """Submission handler: move a run's webhook secret (and its URLs' user info and queries) out of the body before
+    ComfyUI queues (and keeps) it.
 
     ComfyUI shows ``extra_data`` in ``/queue`` and ``/history``; the secret is parked in memory under the prompt id,
     which this handler fixes (ComfyUI uses a ``prompt_id`` the body carries) when the client did not.
@@ -60,6 +116,16 @@ def take_secret(json_data: Any, targets: RunTargets) -> Any:
                 prompt_id = json_data.get("prompt_id") or str(uuid.uuid4())
                 json_data["prompt_id"] = prompt_id
                 targets.park_secret(str(prompt_id), secret)
+        urls = hook.get("url") if isinstance(hook, dict) else None
+        urls = [u.strip() for u in urls.split(",")] if isinstance(urls, str) else urls
+        if isinstance(urls, list) and all(isinstance(u, str) for u in urls):
+            urls = [u for u in urls if u]
+            shown = [display_url(u) for u in urls]
+            if shown != urls:  # user info or a query (either may carry a token): kept here, shown without
+                prompt_id = json_data.get("prompt_id") or str(uuid.uuid4())
+                json_data["prompt_id"] = prompt_id
+                targets.park_urls(str(prompt_id), urls)
+                hook["url"] = shown
     except Exception:
         logger.exception("Run Telemetry: webhook submission handler failed")
     return json_data
@@ -70,6 +136,7 @@ def install_webhooks(rt: Runtime, server: Any) -> None:
     service: WebhookService = rt.webhooks
     targets: RunTargets = rt.webhook_targets
     server.add_on_prompt_handler(lambda json_data: take_secret(json_data, targets))
+    server.app.middlewares.append(make_self_check_middleware())
 
     def register_run_endpoints(rec: PromptRecord, *_: Any) -> None:
         """Take the ``webhook`` tag out of the record (it is stored and shown); remember its endpoints.

@@ -67,6 +67,10 @@ DIR_FD_SUPPORTED = (
 )
 _DIR_FLAGS = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
 _NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)
+# Files are opened for reading with O_NONBLOCK (no effect on a regular file): opening a FIFO put where a file should be
+# would otherwise block until some process opens it for writing, hanging the reader; the S_ISREG check then refuses it.
+READ_FLAGS_FOLLOW = os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0)
+READ_FLAGS = READ_FLAGS_FOLLOW | _NOFOLLOW
 
 
 def _describe_entry(name: str, dir_fd: int, shown: Path) -> tuple[str, bool]:
@@ -170,7 +174,7 @@ def open_file_under(root: str | os.PathLike[str], relative: str | os.PathLike[st
         with open_folder(root, rel.parent.parts, create=False) as fd:
             assert fd is not None
             try:
-                file_fd = os.open(rel.name, os.O_RDONLY | _NOFOLLOW | getattr(os, "O_CLOEXEC", 0), dir_fd=fd)
+                file_fd = os.open(rel.name, READ_FLAGS, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.EMLINK):
                     refuse_symlinked_file(rel.name, fd, shown)

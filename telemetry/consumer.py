@@ -300,8 +300,10 @@ def wait_for_marker(
         notifier = _open_inotify(folder)
     used = "inotify" if notifier else "poll"
     invalid_since: float | None = None
-    # Files already judged not to be the answer, by identity and content stamp: a rewrite changes the stamp.
-    ignored_files: set[_Signature] = set()
+    # Markers already described as not the answer. Every look reads the files again: a file's identity and stamp
+    # (inode, mtime, size) can stay the same across a rewrite by another prompt (a same-size marker in the same tick
+    # of a coarse file-system clock, rewritten in place or given a freed inode), so they cannot tell that it changed.
+    announced: set[tuple[Path, str | None, datetime]] = set()
     ignored: list[str] = []
     if on_ready is not None:
         on_ready(used)
@@ -309,9 +311,7 @@ def wait_for_marker(
         while True:
             existing, notes = _newest_existing((done_path, failed_path))
             invalid_error: tuple[Path, str] | None = None
-            for path, signature in existing:
-                if signature in ignored_files:
-                    continue
+            for path, _signature in existing:
                 marker, error = _try_read(path)
                 if marker is None:
                     if error is not None:
@@ -320,7 +320,10 @@ def wait_for_marker(
                 reason = accept.reason_to_ignore(marker) if accept else None
                 if reason is None:
                     return WaitOutcome(path, marker, None, clock() - start, used, notes, ignored)
-                ignored_files.add(signature)
+                key = (path, marker.prompt_id, marker.timestamp)
+                if key in announced:
+                    continue
+                announced.add(key)
                 text = f"ignored {path}: {reason}"
                 ignored.append(text)
                 if on_ignore is not None:

@@ -17,6 +17,7 @@ import hashlib
 import json
 import logging
 import os
+import stat
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,6 +27,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, TypeAdapter, V
 
 from .atomic import (
     DIR_FD_SUPPORTED,
+    READ_FLAGS_FOLLOW,
     AtomicWriteResult,
     MarkerWriteError,
     UnsafePathError,
@@ -43,6 +45,8 @@ DONE_SUFFIX = ".done"
 FAILED_SUFFIX = ".failed"
 MARKER_SUFFIXES = (DONE_SUFFIX, FAILED_SUFFIX)
 HASH_CHUNK = 1024 * 1024
+# A marker lists one small entry per output file; anything larger than this is not one (a reader would load it whole).
+MAX_MARKER_BYTES = 64 * 1024 * 1024
 
 
 def utc_now() -> datetime:
@@ -167,9 +171,22 @@ def parse_marker(data: bytes | str, *, source: Path | None = None) -> DoneMarker
 
 
 def read_marker(path: str | Path) -> DoneMarker | FailedMarker:
-    """Read and validate one marker file; OSError if unreadable, :class:`MarkerReadError` if invalid."""
+    """Read and validate one marker file; OSError if unreadable, :class:`MarkerReadError` if invalid.
+
+    Only a regular file of at most :data:`MAX_MARKER_BYTES` is read: a FIFO in the marker's place would block the
+    reader until some process writes to it, and a huge file would be loaded whole; both are invalid markers.
+    """
     path = Path(path)
-    return parse_marker(path.read_bytes(), source=path)
+    with os.fdopen(os.open(path, READ_FLAGS_FOLLOW), "rb") as handle:
+        st = os.fstat(handle.fileno())
+        if not stat.S_ISREG(st.st_mode):
+            raise MarkerReadError(path, "not a regular file")
+        if st.st_size > MAX_MARKER_BYTES:
+            raise MarkerReadError(path, f"{st.st_size} bytes, more than a marker's {MAX_MARKER_BYTES} at most")
+        data = handle.read(MAX_MARKER_BYTES + 1)
+    if len(data) > MAX_MARKER_BYTES:
+        raise MarkerReadError(path, f"more than a marker's {MAX_MARKER_BYTES} bytes at most")
+    return parse_marker(data, source=path)
 
 
 def marker_paths(base: Path) -> tuple[Path, Path]:

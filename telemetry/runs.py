@@ -25,6 +25,7 @@ import pydantic_core
 
 from . import __version__
 from .atomic import (
+    READ_FLAGS,
     MarkerWriteError,
     UnsafePathError,
     atomic_write,
@@ -425,7 +426,8 @@ def read_run_file(output_dir: Path, run_id: str, name: str) -> bytes:
 
     The run folder is opened below ``output_dir`` without following symlinks and the file with ``O_NOFOLLOW`` in it.
     Raises FileNotFoundError when it does not exist, :class:`~telemetry.atomic.UnsafePathError` when a folder on the
-    way leads out of the output folder or the file is a symlink or not a regular file.
+    way leads out of the output folder or the file is a symlink, not a regular file, or a hard link (more than one
+    name: finalize writes a file of one, so another name may be a file outside the output folder).
     """
     if name not in (METADATA_FILE, SUMMARY_FILE):
         raise ValueError(f"{name!r} is not a run file")
@@ -437,14 +439,23 @@ def read_run_file(output_dir: Path, run_id: str, name: str) -> bytes:
                 refuse_symlinked_file(name, None, folder / name)
                 return (folder / name).read_bytes()
             try:
-                file_fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=fd)
+                file_fd = os.open(name, READ_FLAGS, dir_fd=fd)
             except OSError as exc:
                 if exc.errno in (errno.ELOOP, errno.EMLINK):
                     refuse_symlinked_file(name, fd, folder / name)
                 raise
             with os.fdopen(file_fd, "rb") as handle:
-                if not stat.S_ISREG(os.fstat(handle.fileno()).st_mode):
+                st = os.fstat(handle.fileno())
+                if not stat.S_ISREG(st.st_mode):
                     raise UnsafePathError(errno.EISDIR, f"{folder / name} is not a regular file; not served", folder)
+                if st.st_nlink > 1:
+                    # Finalize writes these files by rename (one link); another name may be outside the output folder.
+                    raise UnsafePathError(
+                        errno.EMLINK,
+                        f"{folder / name} is a hard link ({st.st_nlink} names; finalize writes one): not served; "
+                        "finalize again to replace it",
+                        folder,
+                    )
                 return handle.read()
     except MarkerWriteError as exc:
         if exc.errno == errno.ENOENT and not isinstance(exc, UnsafePathError):

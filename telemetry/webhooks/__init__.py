@@ -9,7 +9,7 @@
 
 from __future__ import annotations
 
-from .config import EVENTS, Endpoint, WebhookConfig, config_from_env, run_webhook_problem
+from .config import EVENTS, Endpoint, WebhookConfig, config_from_env, run_webhook_problem, self_url_problem
 from .delivery import WebhookService
 from .events import prompt_ended_data, sign, verify
 from .targets import RunTargets
@@ -23,6 +23,7 @@ __all__ = [
     "config_from_env",
     "prompt_ended_data",
     "run_webhook_problem",
+    "self_url_problem",
     "sign",
     "verify",
 ]

@@ -7,9 +7,10 @@ One frozen :class:`WebhookConfig` is read once at start; invalid entries are dro
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit, urlunsplit
@@ -139,6 +140,37 @@ def url_problem(url: str) -> str | None:
     return None
 
 
+def self_url_problem(url: str, port: int, hosts: Iterable[str] = ()) -> str | None:
+    """Why ``url`` would reach this ComfyUI itself (listening on ``port``), or ``None``.
+
+    A URL reaches it when its port (80/443 by default) is ``port`` and its host is a loopback or unspecified address,
+    ``localhost`` (or a name under it), or one of ``hosts`` (the address the request came in on, its Host header).
+    An event POSTed there would land on ComfyUI's own routes: ``/interrupt`` stops whatever prompt runs then.
+    """
+    try:
+        parts = urlsplit(url)
+        url_port = parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        return None
+    host = (parts.hostname or "").lower().rstrip(".")
+    if url_port != port or not host:
+        return None
+    own = {h.lower().strip("[]").rstrip(".") for h in hosts if h}
+    local = host == "localhost" or host.endswith(".localhost") or host in own
+    if not local:
+        try:
+            address = ipaddress.ip_address(host)
+            local = address.is_loopback or address.is_unspecified
+        except ValueError:
+            pass
+    if not local:
+        return None
+    return (
+        f"{display_url(url)!r} is this ComfyUI itself (port {port}): its events would be POSTed to ComfyUI's own "
+        "routes (/interrupt stops the running prompt); give the URL of a receiver"
+    )
+
+
 def _split(raw: Any) -> list[str] | None:
     """A comma-separated string or a list of strings as a list of non-empty stripped strings (``None``: neither)."""
     if isinstance(raw, str):
@@ -243,6 +275,12 @@ def run_webhook_problem(raw: Any) -> tuple[str, str] | None:
     secret = raw.get("secret")
     if secret is not None and (not isinstance(secret, str) or not secret):
         return f"{where}.secret", f"{where}.secret must be a non-empty string"
+    if isinstance(secret, str):
+        try:
+            secret.encode("utf-8")
+        except UnicodeEncodeError:
+            # JSON lets a body carry a lone surrogate (\ud800): no UTF-8 bytes to sign with, so no signature at all.
+            return f"{where}.secret", f"{where}.secret holds an unpaired surrogate (\\uD800-\\uDFFF); use valid Unicode"
     if "events" in raw and raw["events"] is not None:
         names = _split(raw["events"])
         if names is None or not names:

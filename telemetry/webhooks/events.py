@@ -187,8 +187,12 @@ def event_body(event: str, data: Mapping[str, Any], *, version: str, occurred_at
 
 
 def sign(secret: str, body: bytes) -> str:
-    """``sha256=<hex HMAC-SHA256 of body with secret>``: the ``X-Run-Telemetry-Signature`` header."""
-    return "sha256=" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    """``sha256=<hex HMAC-SHA256 of body with secret>``: the ``X-Run-Telemetry-Signature`` header.
+
+    The key is the secret's UTF-8 bytes; a secret read from an environment holding bytes that are not UTF-8 (Python
+    keeps them as surrogate escapes) signs with those very bytes, as the receiver's copy of the variable holds them.
+    """
+    return "sha256=" + hmac.new(secret.encode("utf-8", "surrogateescape"), body, hashlib.sha256).hexdigest()
 
 
 def verify(secret: str, body: bytes, header: str | None) -> bool:

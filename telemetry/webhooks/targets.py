@@ -25,6 +25,7 @@ class RunTargets:
         self._size = size
         self._lock = threading.Lock()
         self._secrets: OrderedDict[str, str] = OrderedDict()
+        self._urls: OrderedDict[str, list[str]] = OrderedDict()
         self._prompts: OrderedDict[str, tuple[Endpoint, ...]] = OrderedDict()
         self._runs: OrderedDict[str, tuple[Endpoint, ...]] = OrderedDict()
 
@@ -39,10 +40,18 @@ class RunTargets:
         with self._lock:
             self._put(self._secrets, prompt_id, secret)
 
+    def park_urls(self, prompt_id: str, urls: list[str]) -> None:
+        """Keep a run's URLs as given (user info and query included) for ``prompt_id`` until the prompt starts."""
+        with self._lock:
+            self._put(self._urls, prompt_id, list(urls))
+
     def register(self, prompt_id: str, run_id: str | None, raw: Mapping[str, Any]) -> tuple[Endpoint, ...]:
-        """Endpoints of a starting prompt from its ``webhook`` tag (secret taken from the parked one)."""
+        """Endpoints of a starting prompt from its ``webhook`` tag (secret and URLs taken from the parked ones)."""
         with self._lock:
             secret = self._secrets.pop(prompt_id, None)
+            urls = self._urls.pop(prompt_id, None)
+        if urls is not None:
+            raw = {**raw, "url": urls}
         endpoints = parse_run_webhook(raw, secret=secret)
         if not endpoints:
             return ()

@@ -5,6 +5,7 @@ real process keeps swapping their folder for a symlink never land outside."""
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from harness.comfy import ComfyServer
+from harness.comfy import ComfyServer, wait_until
 from tests.comfy import workflows as wf
 
 pytestmark = pytest.mark.comfy
@@ -162,3 +163,75 @@ def test_markers_never_land_outside_while_a_process_swaps_their_folder(comfy: Co
     # written; error (refused at write time, with a note); failed (the node itself found the prefix unsafe at run time)
     assert set(states) <= {"written", "error", "failed"} and "written" in states
     shutil.rmtree(folder)
+
+
+@contextmanager
+def fifo_at(path: Path) -> Iterator[None]:
+    """A FIFO at ``path`` for the block; afterwards any reader still blocked on it is let go (EOF) and it is removed."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    os.mkfifo(path)
+    try:
+        yield
+    finally:
+        try:  # succeeds only while a reader has it open: closing at once hands that reader an EOF
+            os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+        except OSError:
+            pass
+        path.unlink()
+
+
+def test_a_fifo_in_place_of_a_run_file_is_refused_not_waited_on(comfy: ComfyServer) -> None:
+    """A FIFO where artifact-metadata.json belongs: GET answers 403 at once. (Before: the read blocked a worker thread
+    of the server until some process wrote to the FIFO, and the request hung.)"""
+    run_id = f"fifo-{uuid.uuid4().hex[:8]}"
+    fifo = comfy.output_dir / "telemetry" / "runs" / run_id / "artifact-metadata.json"
+    with fifo_at(fifo):
+        status, body = comfy.request("GET", f"/telemetry/runs/{run_id}/artifact-metadata.json", timeout=10)
+        assert status == 403 and "not a regular file" in body["error"], (status, body)
+        assert comfy.get("/telemetry/runs") is not None  # the server still answers
+
+
+def test_a_fifo_in_place_of_a_listed_output_never_stalls_markers(comfy: ComfyServer) -> None:
+    """An output node lists a file that turns out to be a FIFO: the marker is still written (.failed, the file not
+    complete on disk) and the next prompt's marker follows. (Before: measuring the output opened the FIFO and blocked
+    the marker writer until some process wrote to it, so no marker came for this prompt nor any later one.)"""
+    folder = f"fifo-{uuid.uuid4().hex[:8]}"
+    prompt = wf.frames(f"{folder}/frame", count=1, size=8)
+    prompt["90"] = {  # lists late_00001_.png at once, writes it only after `delay`
+        "class_type": "RTTestLateSave",
+        "inputs": {"images": ["2", 0], "filename_prefix": f"{folder}/late", "delay": 600.0},
+    }
+    pid = comfy.queue(prompt)
+    # Made once the node has run (before, ComfyUI's counter would count it and list _00002_).
+    wait_until(lambda: pid in comfy.request("GET", f"/history/{pid}")[1], 60, what="the prompt in ComfyUI's history")
+    with fifo_at(comfy.output_dir / folder / "late_00001_.png"):
+        rec = wait_record(comfy, pid, timeout=90)
+        assert rec["Markers"][0]["State"] == "failed", rec
+        assert (comfy.output_dir / folder / "frame.failed").is_file()
+        after = comfy.queue(wf.frames(f"fifo-{uuid.uuid4().hex[:8]}/frame", count=1, size=8))
+        assert wait_record(comfy, after, timeout=60)["Markers"][0]["State"] == "written"
+
+
+def test_a_hardlinked_run_file_is_not_served_and_finalize_leaves_its_other_name_alone(
+    comfy: ComfyServer, tmp_path: Path
+) -> None:
+    """run-summary.txt replaced by a hard link to a file outside the output folder (same inode, no symlink to see):
+    GET answers 403 without its bytes; finalize writes a new file in the run folder and the outside file is intact.
+    (Before: served with 200, the outside file's bytes.)"""
+    run_id = f"i4h-{uuid.uuid4().hex[:8]}"
+    render_run(comfy, run_id)
+    status, body = comfy.request("POST", f"/telemetry/runs/{run_id}/finalize", {})
+    assert status == 200, body
+    secret = comfy.output_dir.parent / f"secret-{run_id}.txt"  # outside the output folder, on its file system
+    secret.write_text("outside secret\n")
+    summary = Path(body["SummaryPath"])
+    summary.unlink()
+    os.link(secret, summary)
+    status, served = comfy.request("GET", f"/telemetry/runs/{run_id}/run-summary.txt")
+    assert status == 403, (status, served)
+    assert "outside secret" not in json.dumps(served) and "hard link" in served["error"], served
+    status, body = comfy.request("POST", f"/telemetry/runs/{run_id}/finalize", {})
+    assert status == 200, body
+    assert secret.read_text() == "outside secret\n" and os.stat(summary).st_ino != os.stat(secret).st_ino
+    status, served = comfy.request("GET", f"/telemetry/runs/{run_id}/run-summary.txt")
+    assert status == 200 and run_id in served

@@ -281,6 +281,8 @@ def test_a_prompt_cancelled_in_the_queue_is_announced(server: ComfyServer, recei
         ({"url": "ftp://x.example/in"}, "extra_data.telemetry.webhook.url"),
         ({"url": "http://127.0.0.1:9/in", "events": ["prompt.started"]}, "extra_data.telemetry.webhook.events"),
         ({"url": "http://127.0.0.1:9/in", "secret": 42}, "extra_data.telemetry.webhook.secret"),
+        # A lone surrogate has no UTF-8 bytes to sign with (was: accepted, then the run's deliveries lost silently).
+        ({"url": "http://127.0.0.1:9/in", "secret": "key\ud800"}, "extra_data.telemetry.webhook.secret"),
         ("http://127.0.0.1:9/in", "extra_data.telemetry.webhook"),
     ],
 )
@@ -293,6 +295,54 @@ def test_bad_run_webhook_is_refused_naming_the_field(server: ComfyServer, hook: 
     assert status == 400, answer
     assert answer["error"]["parameter"] == parameter, answer
     assert "42" not in answer["error"]["message"] or parameter.endswith("secret")
+
+
+def test_a_run_webhook_urls_credentials_stay_out_of_comfyuis_queue_and_history(server: ComfyServer) -> None:
+    """A run webhook URL with user info and a query token: the receiver is called with them (Basic auth from the user
+    info), and neither appears in ComfyUI's /queue or /history nor in the package's routes. (Before: the URL stayed in
+    extra_data as given, so any client of ComfyUI read the credentials in /history.)"""
+    import base64
+
+    mine = Receiver().start()
+    try:
+        url = mine.url.replace("http://", "http://hookuser:pa55-tok3n@") + "?key=qu3ry-tok3n"
+        hook = {"url": url, "events": ["prompt.ended"]}
+        blocker = server.queue(wf.with_sleep(wf.frames(uniq("hold") + "/frame", count=1, size=8), 2))
+        pid = server.queue(
+            wf.frames(uniq("cred") + "/frame", count=1, size=8), extra_data={"telemetry": {"webhook": hook}}
+        )
+        queued = json.dumps(server.get("/queue"))
+        wait_record(server, blocker)
+        wait_record(server, pid)
+        req = wait_ended(mine, pid)
+        assert req.headers["Authorization"] == "Basic " + base64.b64encode(b"hookuser:pa55-tok3n").decode()
+        shown = [queued] + [
+            json.dumps(server.get(p)) for p in (f"/history/{pid}", f"/telemetry/prompts/{pid}", "/telemetry/webhooks")
+        ]
+        for text in shown:
+            assert "pa55-tok3n" not in text and "qu3ry-tok3n" not in text, text[:2000]
+    finally:
+        mine.stop()
+
+
+def test_a_run_webhook_aimed_at_this_comfyui_is_refused(server: ComfyServer) -> None:
+    """A run webhook whose URL is this ComfyUI (its port on a loopback or its own address, with or without /api) is
+    refused with 400 naming the URL. (Before: accepted, and each of the run's prompt.ended POSTed to ComfyUI's own
+    /interrupt, interrupting whatever prompt ran next, another client's included.)"""
+    port = int(server.url.rsplit(":", 1)[1])
+    for url in (f"http://127.0.0.1:{port}/interrupt", f"http://localhost:{port}/api/interrupt", f"{server.url}/queue"):
+        body = {
+            "prompt": wf.frames(uniq("self") + "/frame", count=1, size=8),
+            "extra_data": {"telemetry": {"run_id": uniq("r"), "webhook": {"url": url}}},
+        }
+        status, answer = server.request("POST", "/prompt", body)
+        if status == 200:  # show what the worker then does to the next prompt, another client's, queued behind it
+            victim = server.queue(wf.with_sleep(wf.frames(uniq("victim") + "/frame", count=1, size=8), 3))
+            outcome = wait_record(server, victim)["Outcome"]
+            assert outcome == "success", f"a run webhook to {url} made ComfyUI's prompt end {outcome!r}"
+        assert status == 400, (url, answer)
+        assert answer["error"]["parameter"] == "extra_data.telemetry.webhook.url", answer
+        assert "this ComfyUI" in answer["error"]["message"], answer
 
 
 def test_a_receiver_sleeping_10_s_does_not_delay_done_markers(server: ComfyServer) -> None:

@@ -627,3 +627,90 @@ def test_bad_time_and_filter_input_exits_2(output: Path, args: list[str], fragme
     result = run(args[0], "--output-dir", str(output), *args[1:])
     assert result.returncode == 2, result.stdout
     assert len(result.stderr.strip().splitlines()) == 1 and fragment in result.stderr, result.stderr
+
+
+# --- files that are not markers -------------------------------------------------------------------------------------
+
+
+def _release(fifo: Path) -> None:
+    """Let a reader still blocked on ``fifo`` go (it reads EOF) so that no process is left hanging."""
+    try:
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    except OSError:
+        pass
+
+
+def test_a_fifo_in_place_of_the_marker_is_an_invalid_marker_not_a_hang(output: Path) -> None:
+    """A FIFO named frame.done: wait reports an invalid marker by its grace period. (Before: reading it blocked until
+    some process wrote to the FIFO, past any --timeout.)"""
+    fifo = output / "scene" / "frame.done"
+    os.mkfifo(fifo)
+    try:
+        result = run("wait", "--output-dir", str(output), "--prefix", "scene/frame", "--timeout", "5", timeout=20)
+    finally:
+        _release(fifo)
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["Status"] == "invalid-marker" and "not a regular file" in report["Problems"][0], report
+
+
+def test_a_fifo_listed_as_an_output_fails_verification_not_hangs(output: Path, tmp_path: Path) -> None:
+    """A marker lists a file that is now a FIFO: verification fails naming it. (Before: opening it to measure blocked.)"""
+    write_marker(output, "--prefix", "scene/frame", "--frames", "2")
+    listed = output / "scene" / "frame_00002_.png"
+    listed.unlink()
+    os.mkfifo(listed)
+    try:
+        result = run(
+            "wait", "--output-dir", str(output), "--prefix", "scene/frame", "--copy-to", str(tmp_path / "copy"),
+            "--timeout", "5", timeout=20,
+        )  # fmt: skip
+    finally:
+        _release(listed)
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["Status"] == "verification-failed", report
+    assert any("frame_00002_.png" in p and "not a regular file" in p for p in report["Problems"]), report
+
+
+def test_a_huge_marker_is_refused_without_being_loaded(output: Path) -> None:
+    """A 512 MiB (sparse) frame.done: reported invalid by its size, the reader stays small. (Before: loaded whole.)"""
+    import resource
+
+    with (output / "scene" / "frame.done").open("wb") as handle:
+        handle.truncate(512 * 1024 * 1024)
+    result = run("wait", "--output-dir", str(output), "--prefix", "scene/frame", "--timeout", "5", timeout=60)
+    assert result.returncode == 1, result.stderr
+    report = json.loads(result.stdout)
+    assert report["Status"] == "invalid-marker" and "at most" in report["Problems"][0], report
+    # Largest resident size of any child so far, in KiB on Linux: well below the file's size.
+    assert resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss < 256 * 1024
+
+
+@pytest.mark.parametrize("watcher", ["auto", "poll"])
+def test_a_same_stamp_rewrite_by_the_awaited_prompt_is_seen(output: Path, start_wait, watcher: str) -> None:
+    """A's .done, ignored by wait --prompt-id B, is rewritten in place by B's marker of the same size within the same
+    mtime tick (a coarse file-system clock: FAT/exFAT and many SMB mounts keep 1-2 s; emulated here by setting the old
+    mtime back): B's marker is the answer. (Before: the file's unchanged inode, mtime and size kept it ignored until
+    the timeout.)"""
+    path = output / "scene" / "frame.done"
+    stamp = datetime.now(timezone.utc)
+    first = marker_bytes(DoneMarker(Prefix="scene/frame", PromptId="prompt-A", Timestamp=stamp))
+    second = marker_bytes(DoneMarker(Prefix="scene/frame", PromptId="prompt-B", Timestamp=stamp))
+    assert len(first) == len(second)
+    path.write_bytes(first)
+    before = path.stat()
+    waiter = start_wait(
+        "--output-dir", str(output), "--prefix", "scene/frame", "--prompt-id", "prompt-B", "--timeout", "10",
+        "--watcher", watcher,
+    )  # fmt: skip
+    assert waiter.proc.stderr is not None
+    assert "'prompt-A' is not 'prompt-B'" in waiter.proc.stderr.readline()
+    with path.open("r+b") as handle:
+        handle.write(second)
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    code, report, _ = waiter.finish()
+    assert code == 0, report
+    assert report["Marker"]["PromptId"] == "prompt-B"

@@ -26,7 +26,7 @@ from telemetry.webhooks import (
     verify,
 )
 from telemetry.webhooks.config import RetryPolicy, WebhookConfig
-from telemetry.webhooks.events import EVENT_MODELS, event_body, event_schema_drift, schema_path
+from telemetry.webhooks.events import EVENT_MODELS, event_body, event_schema_drift, schema_path, sign
 from telemetry.webhooks.outbox import parse_retry_after, retry_delay
 from tests.pkg import sub
 from tests.receiver import Receiver
@@ -370,6 +370,7 @@ class Server:
 
     def __init__(self) -> None:
         self.handlers: list[Any] = []
+        self.app = web.Application()  # install_webhooks adds its middleware (the self-URL check) here
 
     def add_on_prompt_handler(self, fn: Any) -> None:
         self.handlers.append(fn)
@@ -430,3 +431,44 @@ async def test_adapter_and_route_on_a_bare_app(aiohttp_client: Any, receiver: Re
         rt.webhooks.stop()
         rt.writer.stop()
         mine.stop()
+
+
+def test_an_environment_secret_of_non_utf8_bytes_signs_with_those_bytes() -> None:
+    # Python keeps an environment's non-UTF-8 bytes as surrogate escapes; signing used to raise on them, losing the
+    # event for every endpoint after the first. The receiver's copy of the variable holds the raw bytes.
+    import hashlib
+    import hmac
+    import os
+
+    secret = os.fsdecode(b"cl\xe9-latin1")
+    config, _ = config_from_env(
+        {"RUN_TELEMETRY_WEBHOOK_URL": "http://127.0.0.1:9/in", "RUN_TELEMETRY_WEBHOOK_SECRET": secret}
+    )
+    (endpoint,) = config.endpoints
+    body = b'{"Event":"prompt.ended"}'
+    expected = "sha256=" + hmac.new(b"cl\xe9-latin1", body, hashlib.sha256).hexdigest()
+    assert sign(endpoint.secret, body) == expected
+    assert sign("clé", body) == "sha256=" + hmac.new("clé".encode(), body, hashlib.sha256).hexdigest()
+
+
+@pytest.mark.parametrize(
+    ("url", "is_self"),
+    [
+        ("http://127.0.0.1:8188/interrupt", True),
+        ("http://127.9.9.9:8188/x", True),
+        ("http://[::1]:8188/api/interrupt", True),
+        ("http://0.0.0.0:8188/queue", True),
+        ("http://LOCALHOST.:8188/x", True),
+        ("http://gpu-box:8188/x", True),  # the Host header the request came with
+        ("http://127.0.0.1:8189/hook", False),  # another port: a receiver
+        ("http://10.0.0.5:8188/hook", False),  # another machine
+        ("https://localhost/hook", False),  # 443 is not ComfyUI's port here
+    ],
+)
+def test_a_url_reaching_this_comfyui_is_recognised(url: str, is_self: bool) -> None:
+    from telemetry.webhooks import self_url_problem
+
+    problem = self_url_problem(url, 8188, ["192.168.1.20", "gpu-box"])
+    assert (problem is not None) == is_self, problem
+    if problem:
+        assert "this ComfyUI itself" in problem
