@@ -26,12 +26,42 @@ REPO = Path(__file__).resolve().parent.parent
 
 @dataclass(frozen=True)
 class ComfyInstall:
-    """One ComfyUI tree and the interpreter that runs it."""
+    """One ComfyUI tree and the interpreter that runs it.
+
+    ``overlays`` are folders put first on ``PYTHONPATH`` (a version's own frontend/templates pins, an extra frontend
+    before them); ``frontend`` names an extra frontend overlaid on the tree's own pin.
+    """
 
     version: str
     dir: Path
     python: Path
-    overlay: Path | None = None
+    overlays: tuple[Path, ...] = ()
+    frontend: str | None = None
+
+    @property
+    def overlay(self) -> Path | None:
+        """The first overlay folder, if any."""
+        return self.overlays[0] if self.overlays else None
+
+    @property
+    def label(self) -> str:
+        """``0.33.0``, or ``0.33.0-frontend-1.53.6`` with an extra frontend: names test ids and artifact folders."""
+        return f"{self.version}-frontend-{self.frontend}" if self.frontend else self.version
+
+    @property
+    def version_tuple(self) -> tuple[int, ...]:
+        """The version as integers, for comparisons (``0.33.0`` -> ``(0, 33, 0)``)."""
+        return version_tuple(self.version)
+
+    def has_flag(self, flag: str) -> bool:
+        """Whether this tree's ``comfy/cli_args.py`` declares the command-line ``flag``."""
+        args = self.dir / "comfy" / "cli_args.py"
+        return args.exists() and f'"{flag}"' in args.read_text()
+
+
+def version_tuple(version: str) -> tuple[int, ...]:
+    """``"0.33.0"`` -> ``(0, 33, 0)``; non-numeric parts count as 0."""
+    return tuple(int(p) if p.isdigit() else 0 for p in re.split(r"[.+-]", version)[:3])
 
 
 def read_version(comfy_dir: Path) -> str:
@@ -43,22 +73,36 @@ def read_version(comfy_dir: Path) -> str:
     return m.group(1)
 
 
-def get_install(version: str) -> ComfyInstall:
-    """The install for ``version``: ``COMFYUI_DIR`` when set (its version must match), else the provisioned cache."""
+def comfyui_dir_from_env() -> Path | None:
+    """``COMFYUI_DIR`` as a resolved path, or None when unset."""
     existing = os.environ.get("COMFYUI_DIR")
-    if existing:
-        cdir = Path(existing).expanduser().resolve()
+    return Path(existing).expanduser().resolve() if existing else None
+
+
+def get_install(version: str, frontend: str | None = None) -> ComfyInstall:
+    """The install for ``version``: ``COMFYUI_DIR`` when set (any version; it must be ``version``), else the cache.
+
+    ``frontend``: an extra frontend (``provision.EXTRA_FRONTENDS``) overlaid on the version's own pins.
+
+    Raises:
+        LookupError: ``COMFYUI_DIR`` holds another version, or the version is not one the harness provisions.
+    """
+    cdir = comfyui_dir_from_env()
+    if cdir is not None:
         found = read_version(cdir)
         if found != version:
             raise LookupError(f"COMFYUI_DIR={cdir} holds ComfyUI {found}, not {version}")
         python = Path(os.environ.get("COMFYUI_PYTHON", sys.executable))
-        return ComfyInstall(found, cdir, python, None)
+        return ComfyInstall(found, cdir, python)
     tree = provision.provision_tree(version)
-    overlay = provision.provision_overlay(version)
+    overlays = [
+        provision.provision_overlay(version, frontend) if frontend else None,
+        provision.provision_overlay(version),
+    ]
     python = provision.venv_python()
     if not python.exists():
         python = provision.provision_venv()
-    return ComfyInstall(version, tree, python, overlay)
+    return ComfyInstall(version, tree, python, tuple(o for o in overlays if o), frontend)
 
 
 def free_port() -> int:
@@ -121,8 +165,9 @@ class ComfyServer:
         env = dict(os.environ)
         env.pop("COMFYUI_DIR", None)
         env.update(self.env)
-        if self.install.overlay:
-            env["PYTHONPATH"] = os.pathsep.join(p for p in (str(self.install.overlay), env.get("PYTHONPATH")) if p)
+        if self.install.overlays:
+            paths = [*map(str, self.install.overlays), env.get("PYTHONPATH")]
+            env["PYTHONPATH"] = os.pathsep.join(p for p in paths if p)
         env.setdefault("PYTHONUNBUFFERED", "1")
         cmd = [
             str(self.install.python),
@@ -137,6 +182,11 @@ class ComfyServer:
             "--disable-auto-launch",
             *self.extra_args,
         ]
+        if self.install.has_flag("--database-url") and "--database-url" not in cmd:
+            # ComfyUI's own SQLite database: by default in the tree's user/ folder, shared by every server of
+            # that tree and logged as an error at start; each server keeps its own beside its other folders.
+            (self.base_dir / "user").mkdir(parents=True, exist_ok=True)
+            cmd += ["--database-url", f"sqlite:///{self.base_dir / 'user' / 'comfyui.db'}"]
         log = open(self.log_path, "ab")  # handed to the child; closed here once it has it
         self._log_offset_at_start = self.log_path.stat().st_size
         log.write(f"\n=== start {' '.join(cmd)}\n".encode())

@@ -79,7 +79,7 @@ def wrap_prompt_executor(
         error: BaseException | None = None
         try:
             return original(self, *args, **kwargs)
-        except BaseException as exc:
+        except BaseException as exc:  # asyncio.CancelledError, KeyboardInterrupt, SystemExit too: still recorded
             error = exc
             if not isinstance(exc, Exception) and on_worker_exit is not None:
                 try:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import logging
 import threading
@@ -714,8 +715,16 @@ class Recorder:
         rec.EndedAt = iso(end.clock)
         outcome, data, success_at = outcome_from_messages(end.messages)
         if end.exception is not None:
-            outcome = "error"
-            data = {"exception_message": str(end.exception), "exception_type": type(end.exception).__name__}
+            # asyncio.CancelledError (newer ComfyUI's event loop cancelled) and KeyboardInterrupt stopped the prompt
+            # from outside: interrupted, naming the exception. Anything else (an Exception, SystemExit from a node
+            # that ends the worker thread) is an error.
+            stopped = isinstance(end.exception, asyncio.CancelledError | KeyboardInterrupt)
+            outcome = "interrupted" if stopped else "error"
+            exc_type = type(end.exception).__name__
+            data = {
+                "exception_message": str(end.exception) or f"prompt ended by {exc_type}",
+                "exception_type": exc_type,
+            }
         rec.Outcome = outcome  # type: ignore[assignment]
         if success_at is not None:
             rec.ExecutionSuccessAt = iso(success_at)

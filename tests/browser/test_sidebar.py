@@ -51,6 +51,7 @@ def wait_event(ed: Editor, prompt_id: str, outcome: str) -> None:
     )
 
 
+@pytest.mark.smoke
 def test_tab_is_registered_and_opens(ed: Editor) -> None:
     tabs = ed.js("() => window.app.extensionManager.getSidebarTabs().map((t) => [t.id, t.title, t.type])")
     assert [TAB_ID, "Telemetry", "custom"] in tabs

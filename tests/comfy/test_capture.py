@@ -41,6 +41,7 @@ def uniq(name: str) -> str:
     return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
+@pytest.mark.smoke
 def test_prompt_without_client_id_is_recorded(comfy: ComfyServer) -> None:
     pid = comfy.queue(wf.with_sleep(wf.frames(uniq("nocid"), marker=False), 0.3))
     rec = wait_record(comfy, pid)
@@ -90,6 +91,7 @@ def test_tags_and_span_from_the_capture_node(comfy: ComfyServer) -> None:
     assert spans[0]["VramDeltaMB"] == pytest.approx(spans[0]["VramAfterMB"] - spans[0]["VramBeforeMB"], abs=0.02)
 
 
+@pytest.mark.smoke
 def test_failing_node_is_recorded_as_error(comfy: ComfyServer) -> None:
     message = uniq("kaboom")
     pid = comfy.queue(wf.with_raise(wf.frames(uniq("err"), marker=False), message))
@@ -142,6 +144,7 @@ def test_unknown_ids_and_bad_parameters(comfy: ComfyServer) -> None:
         assert param in body["error"]
 
 
+@pytest.mark.smoke
 def test_wait_route_times_out_with_202_while_running(comfy: ComfyServer, tmp_path: Path) -> None:
     started = tmp_path / "started"
     pid = comfy.queue(wf.with_sleep(wf.frames(uniq("slow"), marker=False), 3, started_file=str(started)))

@@ -24,6 +24,7 @@ def our_problems(log: str) -> list[str]:
     return found
 
 
+@pytest.mark.smoke
 def test_package_loads_without_import_failure_or_traceback(comfy: ComfyServer) -> None:
     log = comfy.log_text()
     assert our_problems(log) == [], comfy.log_tail()
@@ -50,6 +51,7 @@ def test_nodes_declared_with_inputs_descriptions_and_tooltips(comfy: ComfyServer
                 assert len(spec) > 1 and spec[1].get("tooltip"), f"{node['name']}.{name} has no tooltip"
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("path", ["/telemetry", "/api/telemetry"])
 def test_status_route_answers_a_real_snapshot(comfy: ComfyServer, path: str) -> None:
     body = comfy.get(path)

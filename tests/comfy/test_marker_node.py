@@ -27,6 +27,7 @@ def tree_snapshot(root: Path) -> set[str]:
     return {str(p.relative_to(root)) for p in root.rglob("*")}
 
 
+@pytest.mark.smoke
 def test_done_marker_lists_and_counts_every_frame(comfy: ComfyServer) -> None:
     prefix = f"scene-{uuid.uuid4().hex[:6]}/frame"
     pid = comfy.queue(wf.frames(prefix, count=4))
@@ -62,6 +63,7 @@ def test_requeued_identical_workflow_rewrites_the_marker(comfy: ComfyServer) -> 
     assert rec["Markers"][0]["State"] == "written"
 
 
+@pytest.mark.smoke
 def test_failing_prompt_leaves_failed_and_no_done(comfy: ComfyServer) -> None:
     prefix = f"fail-{uuid.uuid4().hex[:6]}"
     ok = comfy.queue(wf.frames(prefix))

@@ -59,6 +59,7 @@ def story(tmp: Path, failures: list[int]) -> Path:
     return path
 
 
+@pytest.mark.smoke
 def test_three_scene_run_with_one_retry(comfy: ComfyServer, tmp_path: Path) -> None:
     run_id = f"retry-{uuid.uuid4().hex[:8]}"
     out = io.StringIO()

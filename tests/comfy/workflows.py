@@ -41,6 +41,14 @@ def with_raise(prompt: Prompt, message: str = "boom") -> Prompt:
     return p
 
 
+def with_cancel(prompt: Prompt) -> Prompt:
+    """Insert an RTTestCancel (raises asyncio.CancelledError) between the image source and its consumer."""
+    p = {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}
+    p["13"] = {"class_type": "RTTestCancel", "inputs": {"image": ["1", 0]}}
+    p["2"]["inputs"]["image"] = ["13", 0]
+    return p
+
+
 def with_capture(prompt: Prompt, *, run_id: str = "", scene_id: str = "", label: str = "render") -> Prompt:
     """Insert a TelemetryCapture between ImageInvert ("2") and SaveImage ("3")."""
     p = {k: {"class_type": v["class_type"], "inputs": dict(v["inputs"])} for k, v in prompt.items()}

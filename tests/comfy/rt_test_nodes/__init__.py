@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import threading
 import time
@@ -115,11 +116,32 @@ class RTTestExit:
         raise SystemExit(code)
 
 
+class RTTestCancel:
+    """Raises ``asyncio.CancelledError`` (a BaseException): ComfyUI's executor does not catch it, so it leaves
+    ``PromptExecutor.execute`` as a cancelled event loop would (and ends that server's prompt worker thread)."""
+
+    CATEGORY = "rt_test"
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def INPUT_TYPES(cls):
+        return {"required": {"image": ("IMAGE",)}}
+
+    @classmethod
+    def IS_CHANGED(cls, **_):
+        return float("nan")
+
+    def run(self, image):
+        raise asyncio.CancelledError("cancelled by the test node")
+
+
 NODE_CLASS_MAPPINGS = {
     "RTTestSleep": RTTestSleep,
     "RTTestRaise": RTTestRaise,
     "RTTestFlaky": RTTestFlaky,
     "RTTestExit": RTTestExit,
+    "RTTestCancel": RTTestCancel,
 }
 
 from .marker_cases import NODE_CLASS_MAPPINGS as _MARKER_CASES  # noqa: E402
