@@ -45,26 +45,41 @@ def install() -> runtime.Runtime | None:
         rt.folder_roots = runtime.folder_roots
         rt.plans = _make_plans(rt)
         runtime.set_runtime(rt)
-        for name, fn in (
-            ("prompt executor", lambda: _wrap_executor(execution, rt)),
-            ("node timings", lambda: _wrap_nodes(execution, rt)),
-            ("prompt validation", lambda: _wrap_validation(execution, rt)),
-            ("interrupt attribution", lambda: _wrap_interrupt(rt)),
-            ("submission handler", lambda: server.add_on_prompt_handler(on_prompt)),
-            ("queue events", lambda: rt.queue_events.wrap(server.prompt_queue)),
-            ("routes", lambda: _add_routes(server, rt)),
-            ("finishers", lambda: _add_finishers(rt)),
-            ("runs", lambda: _add_runs(rt, server)),
-            ("webhooks", lambda: _add_webhooks(rt, server)),
+        rt.comfyui_version = comfyui_version()
+        for name, how, fn in (
+            ("prompt executor", "wraps PromptExecutor.execute", lambda: _wrap_executor(execution, rt)),
+            ("node timings", "wraps execution.execute", lambda: _wrap_nodes(execution, rt)),
+            ("prompt validation", "wraps execution.validate_prompt", lambda: _wrap_validation(execution, rt)),
+            (
+                "interrupt attribution",
+                "wraps model_management.interrupt_current_processing",
+                lambda: _wrap_interrupt(rt),
+            ),
+            (
+                "submission handler",
+                "PromptServer.add_on_prompt_handler",
+                lambda: server.add_on_prompt_handler(on_prompt),
+            ),
+            ("queue events", "wraps PromptServer.prompt_queue", lambda: rt.queue_events.wrap(server.prompt_queue)),
+            ("routes", "PromptServer.routes", lambda: _add_routes(server, rt)),
+            ("finishers", "the package's writer thread", lambda: _add_finishers(rt)),
+            ("runs", "aiohttp middleware on POST /prompt", lambda: _add_runs(rt, server)),
+            ("webhooks", "the package's delivery thread", lambda: _add_webhooks(rt, server)),
             # Last: the finishers, runs and routes (waiters, metrics) must see these records end.
-            ("lost prompts", rt.finish_lost),
+            ("lost prompts", "the store, at start", rt.finish_lost),
         ):
             try:
                 fn()
+                rt.hooks[name] = how
             except Exception as exc:
-                note = f"{name} not installed ({type(exc).__name__}: {exc}); that part of telemetry is off"
+                note = (
+                    f"{name} not installed on ComfyUI {rt.comfyui_version or 'of unknown version'} "
+                    f"({type(exc).__name__}: {exc}); that part of telemetry is off"
+                )
                 logger.warning("Run Telemetry: %s", note)
                 rt.notes.append(note)
+                rt.hooks[name] = f"degraded: {type(exc).__name__}: {exc}"
+        rt.hooks["queued time"] = _queued_time_source(server)
         return rt
 
 
@@ -74,6 +89,29 @@ def _make_plans(rt: runtime.Runtime) -> Any:
     from .plan import Plans
 
     return Plans(classes=lambda: nodes.NODE_CLASS_MAPPINGS, output_dir=rt.output_dir)
+
+
+def comfyui_version() -> str | None:
+    """ComfyUI's ``__version__`` (its ``comfyui_version.py``), or None when it has none."""
+    try:
+        import comfyui_version  # ComfyUI's own module, beside main.py
+
+        return str(comfyui_version.__version__)
+    except Exception:
+        return None
+
+
+def _queued_time_source(server: Any) -> str:
+    """Where a prompt's queued time comes from: ComfyUI's own ``create_time`` where POST /prompt sets it (0.3.6x and
+    later), else the package's stamp from the submission handler (0.3.52)."""
+    try:
+        import inspect
+
+        if "create_time" in inspect.getsource(type(server)):
+            return "ComfyUI's extra_data.create_time"
+    except Exception:
+        logger.debug("Run Telemetry: could not read PromptServer's source", exc_info=True)
+    return "the package's submission stamp (this ComfyUI sets no create_time)"
 
 
 def _wrap_executor(execution: Any, rt: runtime.Runtime) -> None:

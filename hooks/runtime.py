@@ -111,6 +111,9 @@ class Runtime:
         self.version = __version__
         # Attempts per scene and the budget's own retries, in memory (hooks/runs.py): the bound on retries.
         self.retries = RetryBook()
+        # ComfyUI's version and how each hook point was wired (name -> how), shown in GET /telemetry.
+        self.comfyui_version: str | None = None
+        self.hooks: dict[str, str] = {}
         self.policy, self.policy_notes = policy_from_env(env)
         self.notes.extend(self.policy_notes)
         self.webhooks, self.webhook_targets = build_webhooks(self, env)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Run Telemetry developer entry point. On a fresh machine it provisions everything it needs:
-#   scripts/dev.sh demo          provision the bundled CPU ComfyUI, run the example story, print its summary
-#   scripts/dev.sh test [ARGS]   provision, lint (ruff), and run every test (ARGS go to pytest)
+#   scripts/dev.sh demo [ARGS]   provision one CPU ComfyUI (only what the demo needs, each step named and timed),
+#                                run the example story, print its summary (ARGS go to harness/demo.py: --version V)
+#   scripts/dev.sh test [ARGS]   provision the whole matrix, lint (ruff), and run every test (ARGS go to pytest)
 # Venv and ComfyUI trees are cached outside the repository (RUN_TELEMETRY_CACHE, default ~/.cache/run-telemetry).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -36,7 +37,10 @@ case "$cmd" in
     exec "$PY" -m pytest "$@"
     ;;
   demo)
-    PY=$(provision)
+    # Only the venv here (torch, ComfyUI's and the package's requirements: no test tools, no comfy-cli), with pip's
+    # progress; the demo itself then extracts the one ComfyUI tree it runs, also named and timed.
+    python3 harness/provision.py --demo --progress --venv-only >/dev/null
+    PY=$(python3 -c 'import harness.provision as p; print(p.venv_python())')
     exec "$PY" -m harness.demo "$@"
     ;;
   bench)

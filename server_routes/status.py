@@ -92,6 +92,7 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
             "FallbackNotes": notes,
             "Store": store.health().as_dict() if hasattr(store, "health") else None,
             "Health": health_summary(health),
+            "ComfyUI": {"Version": getattr(rt, "comfyui_version", None), "Hooks": dict(getattr(rt, "hooks", {}))},
             "Policy": rt.policy_view() if hasattr(rt, "policy_view") else None,
             "Prompts": [r.summary() for r in rt.recorder.recent(limit)],
             "Webhooks": hooks.summary() if hooks is not None else None,

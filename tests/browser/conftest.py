@@ -1,4 +1,10 @@
-"""Browser fixtures: Debian's chromium, driven by Playwright, on the ComfyUI frontend each harness server ships."""
+"""Browser fixtures: Debian's chromium, driven by Playwright, on the ComfyUI frontend each harness server ships.
+
+Frontends 1.25.10 (ComfyUI 0.3.52), 1.32.9 (0.3.75), 1.49.6 (0.33.0) and 1.53.6 (overlaid on 0.33.0) render the same
+things differently (1.53.6 drops the sidebar button's CSS class for a ``data-testid``; 1.49.6 shows a node error
+as a notice, not a dialog), so the frontend's elements are found by role, accessible name or ``data-testid``
+only, never by its CSS classes. The package's own panel keeps its own ``rt-`` classes and ``data-rt-`` attributes.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from playwright.sync_api import Browser, ConsoleMessage, Error, Page, Route, sync_playwright
+from playwright.sync_api import Browser, ConsoleMessage, Error, Locator, Page, Route, sync_playwright
 
 from harness.comfy import ComfyServer
 from tests.conftest import PACKAGE_FOLDER, REPO
@@ -28,7 +34,9 @@ CHROMIUM_ARGS = [
 ]
 ARTIFACTS = REPO / "test-artifacts" / "browser"
 TAB_ID = "run-telemetry"
-TAB_BUTTON = f".{TAB_ID}-tab-button"
+# The tab's tooltip (web/rt_sidebar.js) is its button's accessible name on every frontend.
+TAB_LABEL = "Run Telemetry: device memory, recent prompts, runs"
+TAB_BUTTON = f'button[aria-label="{TAB_LABEL}"]'  # the same, for page.click and document.querySelector
 PANEL = ".rt-panel"
 LOAD_TIMEOUT_MS = 90_000
 UI_TIMEOUT_MS = 30_000
@@ -83,31 +91,47 @@ class Editor:
     def open_tab(self) -> None:
         """Open the Telemetry tab (a click on its sidebar button) and wait for the device section."""
         if not self.tab_open():
-            self.page.click(TAB_BUTTON)
+            self.tab_button().click()
         self.page.wait_for_selector(f"{PANEL} [data-rt-device]", timeout=UI_TIMEOUT_MS)
 
     def close_tab(self) -> None:
         """Close the tab (the same button toggles it) and wait until the panel is gone."""
         if self.tab_open():
-            self.page.click(TAB_BUTTON)
+            self.tab_button().click()
         self.page.wait_for_selector(PANEL, state="detached", timeout=UI_TIMEOUT_MS)
 
     def dismiss_dialogs(self) -> None:
         """Close modal dialogs (the frontend's execution-error dialog after a failing editor prompt)."""
-        masks = self.page.locator(".p-dialog-mask")
+        dialogs = self.page.get_by_role("dialog")
         for _ in range(5):
-            if not masks.count():
+            if not dialogs.count():
                 return
-            close = self.page.locator(".p-dialog .p-dialog-close-button, .p-dialog [aria-label='Close']")
+            close = dialogs.get_by_role("button", name="Close")
             if close.count() and close.first.is_visible():
                 close.first.click()
             else:
                 self.page.keyboard.press("Escape")
             try:
-                masks.first.wait_for(state="detached", timeout=5_000)
+                dialogs.first.wait_for(state="detached", timeout=5_000)
             except Error:
                 pass  # another try below, then give up: the next test names what blocks it
-        assert not masks.count(), "a modal dialog would not close"
+        assert not dialogs.count(), "a modal dialog would not close"
+
+    def tab_button(self) -> Locator:
+        """The Telemetry tab's sidebar button, by role and accessible name."""
+        return self.page.get_by_role("button", name=TAB_LABEL, exact=True)
+
+    def toast(self, text: str) -> Locator:
+        """Toast messages (role ``alert``) containing ``text``."""
+        return self.page.get_by_role("alert").filter(has_text=text)
+
+    def error_notice(self, text: str) -> Locator:
+        """The frontend's own report of a failed prompt containing ``text``: a dialog up to 1.4x, a notice after."""
+        return (
+            self.page.get_by_role("dialog")
+            .filter(has_text=text)
+            .or_(self.page.get_by_test_id("error-overlay").filter(has_text=text))
+        )
 
     def js(self, expression: str, arg: Any = None) -> Any:
         """Evaluate in the page."""
@@ -123,7 +147,7 @@ class Editor:
 
     def shot(self, name: str, *, panel_only: bool = False) -> Path:
         """Save a screenshot under test-artifacts/browser/<version>/ (every run)."""
-        folder = ARTIFACTS / self.version
+        folder = ARTIFACTS / self.server.install.label
         folder.mkdir(parents=True, exist_ok=True)
         path = folder / f"{name}.png"
         # Finished animations: a toast that is still fading in is in the picture at full strength.

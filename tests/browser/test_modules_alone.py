@@ -7,7 +7,7 @@ import re
 import pytest
 from playwright.sync_api import Browser, Response, expect
 
-from tests.browser.conftest import PANEL, TAB_BUTTON, UI_TIMEOUT_MS, VIEWPORT, Editor, only_our_scripts
+from tests.browser.conftest import PANEL, TAB_LABEL, UI_TIMEOUT_MS, VIEWPORT, Editor, only_our_scripts
 from tests.conftest import PACKAGE_FOLDER, REPO
 
 pytestmark = [pytest.mark.comfy, pytest.mark.browser]
@@ -54,11 +54,11 @@ def test_script_loaded_alone(editor: Editor, browser: Browser, scripts: tuple[st
         assert registered == CASES[scripts]
         if "rt_sidebar.js" in scripts:
             # Without the settings module the tab uses the defaults.
-            page.click(TAB_BUTTON)
+            page.get_by_role("button", name=TAB_LABEL, exact=True).click()
             expect(page.locator(f"{PANEL} [data-rt-device]")).to_be_visible(timeout=UI_TIMEOUT_MS)
             expect(page.locator(f"{PANEL} .rt-dev-mem")).to_contain_text("MiB")
         else:
-            expect(page.locator(TAB_BUTTON)).to_have_count(0)
+            expect(page.get_by_role("button", name=TAB_LABEL, exact=True)).to_have_count(0)
         alone.assert_clean()
     finally:
         context.close()

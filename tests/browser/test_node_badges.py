@@ -113,7 +113,7 @@ def test_span_and_marker_badges_render_on_the_nodes(ed: Editor) -> None:
     # A prompt queued by someone else (the API, no client id) with the same node ids leaves the badges alone.
     other = uniq("other") + "/frame"
     ed.server.queue(wf.with_capture(wf.with_raise(wf.frames(other), "not this editor's"), label="other"))
-    expect(ed.page.locator(".p-toast-message", has_text=f"{other}.failed")).to_be_visible(timeout=UI_TIMEOUT_MS)
+    expect(ed.toast(f"{other}.failed")).to_be_visible(timeout=UI_TIMEOUT_MS)
     assert ed.js(BADGE_TEXT_JS, MARKER_ID) == marker_text
     assert ed.js(BADGE_TEXT_JS, CAPTURE_ID) == span_text
 
@@ -124,8 +124,8 @@ def test_failed_marker_badge_after_a_failing_editor_prompt(ed: Editor) -> None:
     queue_from_editor(ed, wf.with_capture(wf.with_raise(wf.frames(prefix), "editor boom")))
     text = wait_badge(ed, MARKER_ID, ".failed")
     assert text == "\u2717 marker .failed written"
-    # The frontend's own error dialog for this editor's failing prompt.
-    expect(ed.page.locator(".p-dialog", has_text="editor boom")).to_be_visible(timeout=UI_TIMEOUT_MS)
+    # The frontend's own error report for this editor's failing prompt (a dialog, or a notice from 1.49 on).
+    expect(ed.error_notice("editor boom").first).to_be_visible(timeout=UI_TIMEOUT_MS)
     ed.dismiss_dialogs()
     center_on(ed, CAPTURE_ID, MARKER_ID)
     painted(ed, text)

@@ -75,7 +75,7 @@ def test_run_scenes_retries_policy_finalize_and_files(ed: Editor, tmp_path: Path
     expect(scene3.locator(".rt-badge", has_text="requeued")).to_have_count(0)
     expect(runcard.locator(".rt-run-head [class*=rt-b-]")).to_have_text("complete", timeout=UI_TIMEOUT_MS)
     # The retried attempt left no .failed (its marker is "skipped"), so no toast either.
-    expect(ed.page.locator(".p-toast-message", has_text=prefix2)).to_have_count(0)
+    expect(ed.toast(prefix2)).to_have_count(0)
 
     meta = ed.server.get(f"/telemetry/runs/{run}")
     gpu = meta["Scenes"][0]["Telemetry"]["GPU"]
@@ -114,7 +114,7 @@ def test_readme_screenshot(ed: Editor) -> None:
     page.set_viewport_size({"width": 1500, "height": 1900})
     try:
         # Widen the sidebar as a user would, by dragging the splitter.
-        gutter = page.locator(".p-splitter-gutter").first
+        gutter = page.get_by_role("separator").first
         box = gutter.bounding_box()
         assert box, "no splitter gutter"
         page.mouse.move(box["x"] + box["width"] / 2, box["y"] + 200)

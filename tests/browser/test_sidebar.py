@@ -1,4 +1,4 @@
-"""The Telemetry sidebar tab in the real ComfyUI frontend (1.32.9 with ComfyUI 0.3.75, 1.25.10 with 0.3.52)."""
+"""The Telemetry sidebar tab in the real ComfyUI frontends of the matrix (1.25.10, 1.32.9, 1.49.6, 1.53.6)."""
 
 from __future__ import annotations
 
@@ -112,7 +112,7 @@ def test_failing_prompt_with_a_marker_raises_a_toast(ed: Editor) -> None:
     ed.close_tab()  # toasts do not need the tab
     prefix = uniq("fail") + "/frame"
     pid = ed.server.queue(wf.with_raise(wf.frames(prefix), "paint ran out"))
-    toast = ed.page.locator(".p-toast-message", has_text=f"{prefix}.failed")
+    toast = ed.toast(f"{prefix}.failed")
     expect(toast).to_be_visible(timeout=UI_TIMEOUT_MS)
     expect(toast).to_contain_text("RTTestRaise #11: paint ran out")
     assert (ed.server.output_dir / f"{prefix}.failed").is_file()
@@ -122,7 +122,7 @@ def test_failing_prompt_with_a_marker_raises_a_toast(ed: Editor) -> None:
     expect(row.locator('[data-rt-outcome="error"]')).to_be_visible(timeout=UI_TIMEOUT_MS)
     expect(row.locator('[data-rt-marker-state="failed"]')).to_be_visible()
     expect(row.locator(".rt-err-line")).to_contain_text("paint ran out")
-    for close in toast.locator(".p-toast-close-button, [aria-label='Close']").all():
+    for close in toast.get_by_role("button", name="Close").all():
         if close.is_visible():
             close.click()
 
@@ -154,7 +154,7 @@ def test_marker_that_could_not_be_written_raises_a_toast(ed: Editor) -> None:
         "FallbackNotes": [f"marker for prefix {prefix!r} could not be written: No space left on device"],
     }
     ed.js("(s) => window.comfyAPI.api.api.dispatchCustomEvent('telemetry.prompt', s)", summary)
-    toast = ed.page.locator(".p-toast-message", has_text=f"Done marker not written: {prefix}")
+    toast = ed.toast(f"Done marker not written: {prefix}")
     expect(toast).to_be_visible(timeout=UI_TIMEOUT_MS)
     expect(toast).to_contain_text("No space left on device")
     row = card(ed, pid)
@@ -171,7 +171,7 @@ def test_toasts_can_be_turned_off(ed: Editor) -> None:
         pid = ed.server.queue(wf.with_raise(wf.frames(prefix), "no toast please"))
         # The toast would be added in the same event handler that feeds this row.
         expect(card(ed, pid).locator('[data-rt-marker-state="failed"]')).to_be_visible(timeout=UI_TIMEOUT_MS)
-        expect(ed.page.locator(".p-toast-message", has_text=prefix)).to_have_count(0)
+        expect(ed.toast(prefix)).to_have_count(0)
     finally:
         ed.setting("RunTelemetry.Notifications.Toasts", True)
 

@@ -93,3 +93,73 @@ def test_core_refusal_of_a_prompt_id_passes_through_unchanged(comfy: ComfyServer
     status, answer = comfy.request("POST", "/prompt", body)
     assert (status, answer["prompt_id"]) == (200, good_id)
     assert wait_record(comfy, good_id)["Outcome"] == "success"
+
+
+HOOKS = {
+    "prompt executor",
+    "node timings",
+    "prompt validation",
+    "interrupt attribution",
+    "submission handler",
+    "queue events",
+    "routes",
+    "finishers",
+    "runs",
+    "webhooks",
+    "lost prompts",
+    "queued time",
+}
+
+
+@pytest.mark.smoke
+def test_status_names_comfyui_version_and_how_each_hook_is_wired(comfy: ComfyServer) -> None:
+    body = comfy.get("/telemetry")
+    assert body["ComfyUI"]["Version"] == comfy.install.version
+    hooks = body["ComfyUI"]["Hooks"]
+    assert set(hooks) == HOOKS
+    assert not [h for h, how in hooks.items() if how.startswith("degraded")], hooks
+    # ComfyUI's own create_time (0.3.6x on) is the official source of the queued time; 0.3.52 has none.
+    has_create_time = "create_time" in (comfy.install.dir / "server.py").read_text()
+    assert ("create_time" in hooks["queued time"]) == has_create_time, hooks["queued time"]
+
+
+PATCHER = """
+import execution
+
+_original = execution.PromptExecutor.execute
+
+
+def execute(self, *args, **kwargs):  # another package's wrapper that hides the argument names
+    return _original(self, *args, **kwargs)
+
+
+execution.PromptExecutor.execute = execute
+NODE_CLASS_MAPPINGS = {}
+"""
+
+
+def test_a_hook_that_degrades_is_listed_with_the_comfyui_version(tmp_path: Path) -> None:
+    # Another package wraps PromptExecutor.execute with (*args, **kwargs) before this one loads (from its
+    # prestartup script, which ComfyUI runs before importing any custom node): the prompt executor hook cannot find
+    # its arguments and degrades; prompts still run, and GET /telemetry says so.
+    patcher = tmp_path / "patcher"
+    patcher.mkdir()
+    (patcher / "prestartup_script.py").write_text(PATCHER)
+    (patcher / "__init__.py").write_text("NODE_CLASS_MAPPINGS = {}\n")
+    server = make_server()
+    server.packages = {**server.packages, "patcher": patcher}
+    server.start()
+    try:
+        body = server.get("/telemetry")
+        version = server.install.version
+        assert body["ComfyUI"]["Version"] == version
+        assert body["ComfyUI"]["Hooks"]["prompt executor"].startswith("degraded: LookupError"), body["ComfyUI"]
+        assert body["ComfyUI"]["Hooks"]["node timings"] == "wraps execution.execute"
+        notes = [n for n in body["FallbackNotes"] if n.startswith("prompt executor not installed")]
+        assert notes and f"on ComfyUI {version}" in notes[0], body["FallbackNotes"]
+        pid = server.queue(wf.frames(f"degraded-{uuid.uuid4().hex[:6]}", marker=False))
+        assert server.wait_history(pid, timeout=60)["status"]["status_str"] == "success"
+    finally:
+        server.stop()
+        if not os.environ.get("RT_KEEP_SERVERS"):
+            shutil.rmtree(server.base_dir, ignore_errors=True)
