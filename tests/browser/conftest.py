@@ -126,11 +126,12 @@ class Editor:
         return self.page.get_by_role("alert").filter(has_text=text)
 
     def error_notice(self, text: str) -> Locator:
-        """The frontend's own report of a failed prompt containing ``text``: a dialog up to 1.4x, a notice after."""
+        """The frontend's own report of a failed prompt: a dialog with the error ``text`` (up to 1.4x), or from 1.49
+        on a notice (role ``status``) saying a node threw an error, without the message."""
         return (
             self.page.get_by_role("dialog")
             .filter(has_text=text)
-            .or_(self.page.get_by_test_id("error-overlay").filter(has_text=text))
+            .or_(self.page.get_by_role("status").filter(has_text=re.compile(r"threw an error", re.I)))
         )
 
     def js(self, expression: str, arg: Any = None) -> Any:
