@@ -65,6 +65,9 @@ VERSIONS: dict[str, dict[str, object]] = {
             "comfyui-frontend-package==1.49.6",
             "comfyui-workflow-templates==0.11.44",
             "comfyui-embedded-docs==0.5.10",
+            # "Non essential" in its requirements.txt: without them comfy_extras/nodes_glsl.py logs IMPORT FAILED.
+            "PyOpenGL>=3.1.8",
+            "comfy-angle",
         ],
         "suite": "full",
     },
