@@ -345,6 +345,29 @@ def _extract_tarball(path: Path, tmp: Path) -> Path:
     return folder
 
 
+# ComfyUI-Manager as 0.33.0 ships it (manager_requirements.txt), started with --enable-manager. Installed into an
+# overlay of its own: the package without its dependencies (transformers, huggingface-hub, typer, rich are in the
+# venv already), then the ones the venv lacks, with theirs.
+MANAGER = "comfyui_manager==4.2.2"
+MANAGER_DEPS = ["GitPython", "PyGithub", "toml", "uv", "chardet"]
+
+
+def provision_manager() -> Path:
+    """The overlay folder holding ComfyUI-Manager 4.2.2 and what it needs beyond the venv."""
+    odir = cache_root() / "overlay-manager"
+    stamp = odir / ".run-telemetry-stamp"
+    key = json.dumps([MANAGER, MANAGER_DEPS])
+    if _stamp_ok(stamp, key):
+        return odir
+    shutil.rmtree(odir, ignore_errors=True)
+    odir.mkdir(parents=True)
+    with step(f"install {MANAGER} into {odir.name}"):
+        _run([*_pip(venv_python()), "--target", str(odir), "--no-deps", MANAGER])
+        _run([*_pip(venv_python()), "--target", str(odir), *MANAGER_DEPS])
+    stamp.write_text(key)
+    return odir
+
+
 COMFY_CLI = "comfy-cli==1.23.0"
 
 
@@ -370,6 +393,7 @@ def provision(versions: list[str], *, dev: bool = True, frontends: list[str] | N
     if dev:
         with step("comfy-cli in a venv of its own"):
             out["comfy_cli"] = str(provision_comfy_cli())
+        out["manager"] = str(provision_manager())
     for v in versions:
         tree = provision_tree(v)
         overlay = provision_overlay(v)

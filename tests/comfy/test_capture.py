@@ -210,7 +210,7 @@ def test_routes_stay_correct_under_concurrent_reads(comfy: ComfyServer) -> None:
 
 
 def test_record_survives_kill9_and_cut_off_prompt_is_marked(tmp_path: Path) -> None:
-    server = make_server("0.3.75")
+    server = make_server()
     try:
         server.start()
         done_id = server.queue(wf.frames(uniq("durable"), marker=False))

@@ -132,7 +132,7 @@ def test_full_disk_keeps_the_prompt_and_notes_the_marker_failure(tmp_path: Path)
     mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(out)], capture_output=True)
     if mounted.returncode != 0:
         pytest.fail(f"cannot mount a tmpfs here (tests run as root): {mounted.stderr.decode()}")
-    server = make_server("0.3.75", extra_args=["--output-directory", str(out)])
+    server = make_server(extra_args=["--output-directory", str(out)])
     try:
         server.start()
         filler = out / "filler.bin"

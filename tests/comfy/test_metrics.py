@@ -1,4 +1,4 @@
-"""A fleet for real: Debian's Prometheus scrapes two ComfyUI workers (0.3.75 and 0.3.52) at /telemetry/metrics.
+"""A fleet for real: Debian's Prometheus scrapes two ComfyUI workers (the oldest and newest full-suite versions, 0.3.52 and 0.33.0) at /telemetry/metrics.
 
 Prompts succeed, fail and are interrupted on both; the test then asks Prometheus's HTTP API until the sums by outcome,
 marker state, worker and node class match what ran, and runs every Grafana panel's query against the same Prometheus.

@@ -204,7 +204,6 @@ class FakeLLM:
 def policy_server() -> Iterator[tuple[ComfyServer, FakeLLM]]:
     with FakeLLM() as llm:
         server = make_server(
-            "0.3.75",
             env={
                 "SCENE_RETRY_BUDGET": "2",
                 "SCENE_HISTORY_POLL_INTERVAL_SECONDS": "1",

@@ -1,4 +1,4 @@
-"""A real ComfyUI 0.3.75 with the package, shared by the reliability tests that need no special start-up."""
+"""A real ComfyUI (the newest full-suite version) with the package, shared by the reliability tests that need no special start-up."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ MAX_UPLOAD_MB = 1
 
 @pytest.fixture(scope="session")
 def rel_server() -> Iterator[ComfyServer]:
-    """ComfyUI 0.3.75 with ``--max-upload-size 1`` (MB), so an oversized body is cheap to send."""
-    server = make_server("0.3.75", extra_args=["--max-upload-size", str(MAX_UPLOAD_MB)])
+    """ComfyUI (newest full-suite version) with ``--max-upload-size 1`` (MB), so an oversized body is cheap to send."""
+    server = make_server(extra_args=["--max-upload-size", str(MAX_UPLOAD_MB)])
     server.start()
     yield server
     server.stop()

@@ -61,7 +61,7 @@ def probe_server(mode: str, tmp: Path) -> ComfyServer:
         # Only folders without an nvidia-smi: on a machine that has one, this still makes it missing.
         path = os.pathsep.join(d for d in path.split(os.pathsep) if d and not (Path(d) / "nvidia-smi").exists())
     env["PATH"] = os.pathsep.join([str(bindir), path])
-    return make_server("0.3.75", env=env)
+    return make_server(env=env)
 
 
 @pytest.mark.parametrize("mode", ["hang", "fail", "garbage", "missing"])
@@ -140,7 +140,7 @@ def fill(folder: Path) -> Path:
 
 def test_full_then_read_only_output_folder(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "out", "2m") as out:
-        server = make_server("0.3.75", extra_args=["--output-directory", str(out)])
+        server = make_server(extra_args=["--output-directory", str(out)])
         try:
             server.start()
             # A marker written before the fault, that the faulty prompts of the same prefix try to replace.

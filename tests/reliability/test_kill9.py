@@ -13,7 +13,7 @@ import pytest
 
 from harness.comfy import ComfyServer, wait_until
 from telemetry.records import FINAL_OUTCOMES
-from tests.conftest import PACKAGE_FOLDER, make_server
+from tests.conftest import PACKAGE_FOLDER, SOLO, VERSIONS, make_server
 
 from .helpers import check_done_marker, marker_prompt, package_tracebacks, temp_files, uniq, with_sleep
 
@@ -156,7 +156,7 @@ def run_cycles(version: str, cycles: int, tmp_path: Path, seed: int) -> list[dic
 
 
 def test_kill9_twice_keeps_every_completed_prompt(tmp_path: Path) -> None:
-    results = run_cycles("0.3.75", 2, tmp_path, seed=11)
+    results = run_cycles(SOLO, 2, tmp_path, seed=11)
     print(f"kill -9 cycles: {results}")
     assert results[0]["cut_off_marked"] == 1
     assert results[1]["success"] < 80  # the stream was really cut
@@ -164,7 +164,7 @@ def test_kill9_twice_keeps_every_completed_prompt(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("version", ["0.3.75", "0.3.52"])
+@pytest.mark.parametrize("version", VERSIONS)
 def test_kill9_repeated(version: str, tmp_path: Path) -> None:
     results = run_cycles(version, 10, tmp_path, seed=23)
     print(f"kill -9 cycles on {version}: {results}")
