@@ -84,7 +84,7 @@ def test_full_store_does_not_reset_the_attempt_count(tmp_path: Path) -> None:
     from tests.reliability.test_faults import fill, tmpfs
 
     with tmpfs(tmp_path / "store", "1m") as store:
-        server = make_server("0.3.75", env={"RUN_TELEMETRY_DIR": str(store)})
+        server = make_server(env={"RUN_TELEMETRY_DIR": str(store)})
         try:
             server.start()
             fill(store)

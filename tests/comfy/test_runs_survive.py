@@ -44,7 +44,7 @@ def store_bytes(server: ComfyServer) -> int:
 
 @pytest.fixture(scope="module")
 def small_retention() -> Iterator[ComfyServer]:
-    server = make_server("0.3.75", env={"RUN_TELEMETRY_RETENTION": "30"})
+    server = make_server(env={"RUN_TELEMETRY_RETENTION": "30"})
     server.start()
     yield server
     server.stop()
