@@ -94,8 +94,7 @@ def _describe_entry(name: str, dir_fd: int, shown: Path) -> tuple[str, bool]:
 def open_folder(root: str | os.PathLike[str], parts: Sequence[str], *, create: bool) -> Iterator[int | None]:
     """Yield an open descriptor of ``root/parts...``, every part opened without following symlinks.
 
-    ``root`` itself is opened normally (it is configured, e.g. ComfyUI's output folder, and may be a link; with
-    ``create`` it is made when missing); each
+    ``root`` itself is opened normally (it is configured, e.g. ComfyUI's output folder, and may be a link); each
     of ``parts`` is opened relative to the folder above it with ``O_NOFOLLOW | O_DIRECTORY`` and, with ``create``,
     made first when missing. Raises :class:`UnsafePathError` when a part is a symlink or not a folder, and
     :class:`MarkerWriteError` with ``errno.ENOENT`` when a part is missing and not ``create``. Yields ``None`` where
@@ -115,10 +114,6 @@ def open_folder(root: str | os.PathLike[str], parts: Sequence[str], *, create: b
                 exc.errno, f"could not create the folder {root_path}: {exc.strerror or exc}", root_path
             ) from exc
     try:
-        if create:
-            # ComfyUI 0.33.0 makes its output folder only when a node first saves there: a prompt that fails before
-            # any save still gets its .failed marker (made like SaveImage makes its folders).
-            root_path.mkdir(parents=True, exist_ok=True)
         fd = os.open(root_path, _DIR_FLAGS)
     except OSError as exc:
         raise MarkerWriteError(
