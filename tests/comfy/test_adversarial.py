@@ -87,7 +87,7 @@ def test_prefix_with_a_lone_surrogate_refuses_the_whole_prompt(comfy: ComfyServe
 
 def test_failed_marker_is_written_before_comfyui_made_its_output_folder() -> None:
     """A fresh ComfyUI makes its output folder at the first save: a prompt that fails before it still gets .failed."""
-    server = make_server("0.3.75")
+    server = make_server()
     try:
         server.start()
         assert not server.output_dir.exists()  # nothing saved yet
@@ -156,7 +156,7 @@ def test_interrupt_naming_a_prompt_that_is_not_running_keeps_pending_retries(
 
 
 def test_kill_while_a_marker_settles_leaves_failed_after_restart() -> None:
-    server = make_server("0.3.75")
+    server = make_server()
     try:
         server.start()
         prefix = f"{uniq('kill-settle')}/frame"

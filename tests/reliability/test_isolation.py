@@ -124,7 +124,7 @@ def damage(path: Path, kind: str) -> bytes | None:
 def test_damaged_store_is_moved_aside_and_markers_go_on(kind: str, tmp_path: Path) -> None:
     path = seeded_store(tmp_path / "store")
     evidence = damage(path, kind)
-    server = make_server("0.3.75", env={"RUN_TELEMETRY_DIR": str(path.parent)})
+    server = make_server(env={"RUN_TELEMETRY_DIR": str(path.parent)})
     try:
         server.start()
         recs = [wait_record(server, server.queue(marker_prompt(f"damaged/{uniq(str(i))}", color=i))) for i in range(3)]
@@ -159,7 +159,7 @@ def test_read_only_store_folder_runs_in_memory(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "store", "4m") as folder:
         seeded_store(folder)
         subprocess.run(["mount", "-o", "remount,ro", str(folder)], check=True)
-        server = make_server("0.3.75", env={"RUN_TELEMETRY_DIR": str(folder)})
+        server = make_server(env={"RUN_TELEMETRY_DIR": str(folder)})
         try:
             server.start()
             ids = [server.queue(marker_prompt(f"ro-store/{uniq(str(i))}", color=i)) for i in range(3)]
@@ -184,7 +184,7 @@ def test_read_only_store_folder_runs_in_memory(tmp_path: Path) -> None:
 
 def test_full_store_disk_while_running(tmp_path: Path) -> None:
     with tmpfs(tmp_path / "store", "1m") as store:
-        server = make_server("0.3.75", env={"RUN_TELEMETRY_DIR": str(store)})
+        server = make_server(env={"RUN_TELEMETRY_DIR": str(store)})
         try:
             server.start()
             first = wait_record(server, server.queue(marker_prompt(f"store/{uniq('a')}")))
@@ -225,7 +225,7 @@ con.execute("COMMIT")
 
 def test_store_locked_by_another_process_for_20_s(tmp_path: Path) -> None:
     store = tmp_path / "store"
-    server = make_server("0.3.75", env={"RUN_TELEMETRY_DIR": str(store)})
+    server = make_server(env={"RUN_TELEMETRY_DIR": str(store)})
     locker = None
     try:
         server.start()
