@@ -72,17 +72,10 @@ def rss_mb(pid: int) -> float:
     raise AssertionError("no VmRSS line")
 
 
-@pytest.fixture(scope="module")
-def receiver() -> Iterator[Receiver]:
-    """The environment's receiver: answers 200 unless a test changes ``behaviour``."""
-    r = Receiver().start()
-    yield r
-    r.stop()
-
-
 @pytest.fixture(scope="module", params=VERSIONS, ids=[f"comfyui-{v}" for v in VERSIONS])
-def server(request: pytest.FixtureRequest, receiver: Receiver) -> Iterator[ComfyServer]:
-    """ComfyUI with one good webhook URL, one bad one and an unknown event name in its environment."""
+def hooked(request: pytest.FixtureRequest) -> Iterator[tuple[ComfyServer, Receiver]]:
+    """ComfyUI with one good webhook URL (its own receiver), one bad one and an unknown event name."""
+    receiver = Receiver().start()
     s = make_server(
         request.param,
         env={
@@ -96,18 +89,25 @@ def server(request: pytest.FixtureRequest, receiver: Receiver) -> Iterator[Comfy
         },
     )
     s.start()
-    yield s
+    yield s, receiver
     s.stop()
+    receiver.stop()
     assert package_tracebacks(s.log_text(), PACKAGE_FOLDER) == []
     if not os.environ.get("RT_KEEP_SERVERS"):
         shutil.rmtree(s.base_dir, ignore_errors=True)
 
 
-@pytest.fixture(autouse=True)
-def answer_200(receiver: Receiver) -> Iterator[None]:
-    receiver.behaviour = lambda _id, _n: (200, {})
-    yield
-    receiver.behaviour = lambda _id, _n: (200, {})
+@pytest.fixture
+def server(hooked: tuple[ComfyServer, Receiver]) -> ComfyServer:
+    return hooked[0]
+
+
+@pytest.fixture
+def receiver(hooked: tuple[ComfyServer, Receiver]) -> Iterator[Receiver]:
+    """The server's environment receiver, answering 200 unless the test changes ``behaviour``."""
+    hooked[1].behaviour = lambda _id, _n: (200, {})
+    yield hooked[1]
+    hooked[1].behaviour = lambda _id, _n: (200, {})
 
 
 def test_bad_environment_is_noted_and_the_secret_never_shown(server: ComfyServer, receiver: Receiver) -> None:

@@ -385,6 +385,7 @@ async def test_adapter_and_route_on_a_bare_app(aiohttp_client: Any, receiver: Re
         env={
             "RUN_TELEMETRY_WEBHOOK_URL": f"{receiver.url},ftp://x.example/in",
             "RUN_TELEMETRY_WEBHOOK_SECRET": SECRET,
+            "RUN_TELEMETRY_WEBHOOK_EVENTS": "prompt.ended",  # not the health monitor's first report
         },
     )
     try:
