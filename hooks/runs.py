@@ -278,6 +278,12 @@ def install_runs(rt: Runtime, server: Any) -> None:
             return
         scene = book.scene_of(rec.PromptId, rec.SceneId)
         rec.Attempt = book.started(rec.RunId, scene, rec.PromptId)
+        # A runner that moved the scene from a dead worker tags the attempt number it is at (run-telemetry run):
+        # counted, so the budget holds across workers. A tag can only spend the budget sooner, never add a retry,
+        # and never makes an attempt a requeue (RetryOf stays the budget's own).
+        tagged = rec.Tags.get("attempt")
+        if isinstance(tagged, int) and not isinstance(tagged, bool) and tagged > rec.Attempt:
+            rec.Attempt = tagged
         planned = book.planned(rec.PromptId)
         # Only the budget's own retries are requeues; attempt/retry_of tags a client sends are not trusted.
         rec.RetryOf = planned.retry_of if planned is not None else None
