@@ -1,0 +1,230 @@
+"""The runner on real ComfyUI workers: two workers with one killed mid-run, Ctrl-C and --resume, a deleted prompt."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from harness.comfy import REPO, ComfyServer, wait_until
+from telemetry.runner import run_story
+from telemetry.summary import render_summary
+from telemetry.validate import validate_run_dir
+from tests.conftest import VERSIONS, make_server
+
+pytestmark = pytest.mark.comfy
+
+UUID_RE = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[0-9a-f]{4}-[0-9a-f]{12}$")
+
+
+def slow_workflow(tmp: Path) -> Path:
+    """EmptyImage -> RTTestSleep({{scene.sleep}}, writes {{scene.started}}) -> SaveImage + WriteDoneMarker."""
+    wf = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 32, "height": 32, "batch_size": 2, "color": 7}},
+        "2": {
+            "class_type": "RTTestSleep",
+            "inputs": {"image": ["1", 0], "seconds": "{{scene.sleep}}", "started_file": "{{scene.started}}"},
+        },
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": "{{scene.prefix}}"}},
+        "4": {"class_type": "WriteDoneMarker", "inputs": {"filename_prefix": "{{scene.prefix}}", "images": ["2", 0]}},
+    }
+    path = tmp / "slow_workflow.json"
+    path.write_text(json.dumps(wf))
+    return path
+
+
+def slow_story(tmp: Path, n: int, sleep: float) -> Path:
+    scenes = [
+        {"id": str(i + 1), "title": f"Shot {i + 1}", "sleep": sleep, "started": str(tmp / f"started-{i + 1}")}
+        for i in range(n)
+    ]
+    path = tmp / "story.json"
+    path.write_text(json.dumps({"id": "farm", "logline": "a slow story", "scenes": scenes}))
+    return path
+
+
+@pytest.fixture(params=VERSIONS, ids=[f"comfyui-{v}" for v in VERSIONS])
+def two_workers(request: pytest.FixtureRequest) -> Iterator[tuple[ComfyServer, ComfyServer]]:
+    """Two fresh ComfyUI workers of one version, started side by side, stopped by pid."""
+    servers = [make_server(request.param), make_server(request.param)]
+    errors: list[BaseException] = []
+
+    def start(s: ComfyServer) -> None:
+        try:
+            s.start()
+        except BaseException as exc:  # reported below
+            errors.append(exc)
+
+    threads = [threading.Thread(target=start, args=(s,)) for s in servers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        if errors:
+            raise errors[0]
+        yield servers[0], servers[1]
+    finally:
+        for s in servers:
+            s.stop()
+            shutil.rmtree(s.base_dir, ignore_errors=True)
+
+
+def test_two_workers_one_killed_mid_run(two_workers: tuple[ComfyServer, ComfyServer], tmp_path: Path) -> None:
+    a, b = two_workers
+    run_id = f"farm-{uuid.uuid4().hex[:8]}"
+    out_dir = tmp_path / "run"
+    log = io.StringIO()
+    result_box: dict = {}
+
+    def drive() -> None:
+        result_box["r"] = run_story(
+            server=[a.url, b.url],
+            workflow=slow_workflow(tmp_path),
+            scenes=slow_story(tmp_path, 6, 1.5),
+            run_id=run_id,
+            out=log,
+            out_dir=out_dir,
+            worker_grace=3.0,
+        )
+
+    runner = threading.Thread(target=drive)
+    runner.start()
+    b_pid = str(b.proc.pid)
+    started = [tmp_path / f"started-{i}" for i in range(1, 7)]
+    # B is running one of this run's scenes (its started file holds B's pid): kill it now, as a crash would.
+    wait_until(
+        lambda: any(p.exists() and p.read_text() == b_pid for p in started), 120, what="a scene running on worker B"
+    )
+    b.kill9()
+    runner.join(300)
+    assert not runner.is_alive(), log.getvalue()
+    result = result_box["r"]
+    text = log.getvalue()
+    # The run went on: every scene succeeded, the lost ones on A, and the summary names the failed worker.
+    assert result.exit_code == 0, text
+    assert result.failed_scenes == [] and list(result.failed_workers) == [b.url], text
+    assert f"Worker failed: {b.url}" in text
+    report = validate_run_dir(out_dir)
+    assert report.valid, report.errors
+    meta = json.loads((out_dir / "artifact-metadata.json").read_text())
+    assert (out_dir / "run-summary.txt").read_text() == render_summary(meta)
+    assert [s["SceneId"] for s in meta["Scenes"]] == ["1", "2", "3", "4", "5", "6"]
+    assert all(s["Success"] for s in meta["Scenes"])
+    moved = [s for s in meta["Scenes"] if s["AttemptsRun"] == 2]
+    assert moved, "no scene was on B when it died"
+    for scene in moved:
+        first, second = scene["AttemptSummaries"]
+        assert first["Outcome"] == "crashed" and b.url in first["Error"]
+        assert second["Success"] is True
+        # The retry ran on A: its marker is in A's output folder.
+        assert (a.output_dir / f"{scene['FramePrefix']}.done").exists()
+    assert all(s["AttemptsRun"] <= 2 for s in meta["Scenes"])  # within the default budget (1 retry)
+    ids = [att["PromptId"] for s in meta["Scenes"] for att in s["AttemptSummaries"]]
+    assert len(set(ids)) == len(ids) and all(UUID_RE.match(i) for i in ids)
+    # Both workers had work before B died; A kept two of this run's prompts in its queue at a time.
+    assert any(re.search(rf"queued on {re.escape(b.url)}", ln) for ln in text.splitlines())
+
+
+def test_ctrl_c_cancels_and_resume_runs_only_the_rest(comfy: ComfyServer, tmp_path: Path) -> None:
+    run_id = f"resume-{uuid.uuid4().hex[:8]}"
+    out_dir = tmp_path / "run"
+    wf, st = slow_workflow(tmp_path), slow_story(tmp_path, 4, 1.0)
+    args = ["run", "--server", comfy.url, "--workflow", str(wf), "--scenes", str(st), "--run-id", run_id]
+    args += ["--out", str(out_dir)]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "telemetry", *args],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        done_marker = comfy.output_dir / run_id / "scene-1" / "frame.done"
+        wait_until(done_marker.exists, 120, what="scene 1 of the run to finish")
+        wait_until(lambda: (tmp_path / "started-3").exists(), 60, what="scene 3 to start")
+        os.kill(proc.pid, signal.SIGINT)
+        stdout, stderr = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 130, stdout + stderr
+    assert "Resume with:" in stdout and f"--resume --run-id {run_id}" in stdout, stdout
+    # Nothing of this run is left in the worker's queue.
+    queue = comfy.get("/queue")
+    ours = {json.dumps(item) for item in queue["queue_running"] + queue["queue_pending"] if run_id in json.dumps(item)}
+    assert not ours
+    scene1_done = done_marker.stat().st_mtime_ns
+
+    log = io.StringIO()
+    result = run_story(
+        server=comfy.url, workflow=wf, scenes=st, run_id=run_id, out=log, out_dir=out_dir, resume=True
+    )
+    text = log.getvalue()
+    assert result.exit_code == 0, text
+    assert "Resuming run" in text and "queued on" in text
+    assert "[scene 1/4 1] attempt" not in text  # scene 1 had succeeded: not queued again
+    meta = json.loads((out_dir / "artifact-metadata.json").read_text())
+    assert validate_run_dir(out_dir).valid
+    assert [s["SceneId"] for s in meta["Scenes"]] == ["1", "2", "3", "4"] and all(s["Success"] for s in meta["Scenes"])
+    scene1 = meta["Scenes"][0]
+    assert scene1["AttemptsRun"] == 1
+    # The earlier (interrupted) attempt of scene 3 is kept beside its new one.
+    scene3 = meta["Scenes"][2]
+    assert scene3["AttemptsRun"] >= 2 and scene3["AttemptSummaries"][0]["Outcome"] == "interrupted"
+    assert done_marker.stat().st_mtime_ns == scene1_done  # scene 1 was not rendered again
+
+
+def test_a_prompt_deleted_from_the_queue_fails_its_scene_and_the_run_goes_on(
+    comfy: ComfyServer, tmp_path: Path
+) -> None:
+    run_id = f"r3-{uuid.uuid4().hex[:8]}"
+    log = io.StringIO()
+    box: dict = {}
+
+    def drive() -> None:
+        box["r"] = run_story(
+            server=comfy.url,
+            workflow=slow_workflow(tmp_path),
+            scenes=slow_story(tmp_path, 3, 1.5),
+            run_id=run_id,
+            out=log,
+            out_dir=tmp_path / "run",
+        )
+
+    runner = threading.Thread(target=drive)
+    runner.start()
+    # Scene 2 waits in the queue behind scene 1 (depth 2): the operator deletes it.
+    pending: list[str] = []
+
+    def scene_two_queued() -> bool:
+        queue = comfy.get("/queue")
+        pending[:] = [item[1] for item in queue["queue_pending"] if f"{run_id}/scene-2" in json.dumps(item)]
+        return bool(pending)
+
+    wait_until(scene_two_queued, 60, what="scene 2 waiting in the queue")
+    status, _ = comfy.request("POST", "/queue", {"delete": pending})
+    assert status == 200
+    runner.join(300)
+    assert not runner.is_alive()
+    result, text = box["r"], log.getvalue()
+    meta = json.loads((tmp_path / "run" / "artifact-metadata.json").read_text())
+    scenes = {s["SceneId"]: s for s in meta["Scenes"]}
+    # The run went on to scene 3 and was assembled; scene 2's deleted attempt is recorded as a failed one.
+    assert scenes["1"]["Success"] and scenes["3"]["Success"], text
+    assert scenes["2"]["AttemptSummaries"][0]["PromptId"] == pending[0]
+    assert scenes["2"]["AttemptSummaries"][0]["Success"] is False
+    assert validate_run_dir(tmp_path / "run").valid
+    assert result.exit_code in (0, 1)
