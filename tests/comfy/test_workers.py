@@ -169,9 +169,7 @@ def test_ctrl_c_cancels_and_resume_runs_only_the_rest(comfy: ComfyServer, tmp_pa
     scene1_done = done_marker.stat().st_mtime_ns
 
     log = io.StringIO()
-    result = run_story(
-        server=comfy.url, workflow=wf, scenes=st, run_id=run_id, out=log, out_dir=out_dir, resume=True
-    )
+    result = run_story(server=comfy.url, workflow=wf, scenes=st, run_id=run_id, out=log, out_dir=out_dir, resume=True)
     text = log.getvalue()
     assert result.exit_code == 0, text
     assert "Resuming run" in text and "queued on" in text
