@@ -226,3 +226,73 @@ def test_a_prompt_deleted_from_the_queue_fails_its_scene_and_the_run_goes_on(
     assert scenes["2"]["AttemptSummaries"][0]["Success"] is False
     assert validate_run_dir(tmp_path / "run").valid
     assert result.exit_code in (0, 1)
+
+
+def test_run_routes_speak_iso_times_and_name_unknown_runs(comfy: ComfyServer) -> None:
+    run_id = f"iso-{uuid.uuid4().hex[:8]}"
+    pid = comfy.queue(
+        {
+            "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1}},
+            "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": f"{run_id}/a"}},
+        },
+        extra_data={"telemetry": {"run_id": run_id, "scene_id": "1"}},
+    )
+    comfy.request("GET", f"/telemetry/prompts/{pid}/wait?timeout=60", timeout=90)
+    runs = {r["RunId"]: r for r in comfy.get("/telemetry/runs")["Runs"]}
+    assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", runs[run_id]["LastActivity"])
+    status, body = comfy.request("GET", "/telemetry/runs/never-seen-run/run-summary.txt")
+    assert status == 404 and "unknown run" in body["error"]
+    status, body = comfy.request("GET", f"/telemetry/runs/{run_id}/run-summary.txt")
+    assert status == 404 and "finalize first" in body["error"]
+    status, fin = comfy.request("POST", f"/telemetry/runs/{run_id}/finalize", {})
+    assert status == 200 and fin["Errors"] == [] and fin["Valid"] is True
+
+
+@pytest.fixture
+def shared_output_workers(tmp_path: Path) -> Iterator[tuple[ComfyServer, ComfyServer, Path]]:
+    """Two 0.3.75 workers writing into one output folder (a render farm's shared disk)."""
+    shared = tmp_path / "shared-output"
+    shared.mkdir()
+    servers = [make_server("0.3.75", extra_args=["--output-directory", str(shared)]) for _ in range(2)]
+    threads = [threading.Thread(target=s.start) for s in servers]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    try:
+        assert all(s.proc is not None for s in servers)
+        yield servers[0], servers[1], shared
+    finally:
+        for s in servers:
+            s.stop()
+            shutil.rmtree(s.base_dir, ignore_errors=True)
+
+
+def test_finalize_on_a_shared_output_folder_never_drops_another_workers_scenes(
+    shared_output_workers: tuple[ComfyServer, ComfyServer, Path],
+) -> None:
+    a, b, shared = shared_output_workers
+    run_id = f"shared-{uuid.uuid4().hex[:8]}"
+
+    def scene(server: ComfyServer, sid: str) -> str:
+        pid = server.queue(
+            {
+                "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1}},
+                "2": {"class_type": "SaveImage", "inputs": {"images": ["1", 0], "filename_prefix": f"{run_id}/{sid}"}},
+            },
+            extra_data={"telemetry": {"run_id": run_id, "scene_id": sid}},
+        )
+        server.request("GET", f"/telemetry/prompts/{pid}/wait?timeout=60", timeout=90)
+        return pid
+
+    pid_a, _ = scene(a, "1"), scene(b, "2")
+    status, fin = a.request("POST", f"/telemetry/runs/{run_id}/finalize", {})
+    assert status == 200 and fin["Scenes"] == 1
+    meta_path = shared / "telemetry" / "runs" / run_id / "artifact-metadata.json"
+    written = meta_path.read_bytes()
+    status, body = b.request("POST", f"/telemetry/runs/{run_id}/finalize", {})
+    assert status == 409, body
+    assert body["ForeignScenes"] == {"1": [pid_a]} and "run-telemetry run --out" in body["error"]
+    assert meta_path.read_bytes() == written  # nothing of A's run was dropped
+    # The same worker finalizing again is not refused.
+    assert a.request("POST", f"/telemetry/runs/{run_id}/finalize", {})[0] == 200
