@@ -29,8 +29,6 @@ import signal
 import sys
 import time
 import urllib.parse
-import uuid
-from collections import deque
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,10 +36,11 @@ from typing import Any, TextIO
 
 import aiohttp
 
+from .atomic import atomic_write
+from .dispatch import PENDING, Output, Run, Scene, Slot, collect
 from .policy import QueuePolicy, apply_overrides
-from .records import iso
 from .remote import ServerUnreachable, Worker, check_server_url
-from .runs import assemble_run, finalize_files, run_id_problem
+from .runs import assemble_run, finalize_files, metadata_json, run_id_problem
 from .story import (  # re-exported: the runner's public helpers
     PLACEHOLDER,
     RunnerError,
@@ -65,11 +64,10 @@ __all__ = [
 ]
 
 DEFAULT_DEPTH = 2
+# Beside artifact-metadata.json in --out: every record the runner collected, for --resume.
+JOURNAL_FILE = "runner-records.json"
 DEFAULT_WORKER_GRACE = 30.0
 EXIT_INTERRUPTED = 130
-# Outcomes that stop a scene: a person chose them (or the worker's own retries are spent).
-_FINAL_FAILURES = frozenset({"error", "interrupted", "cancelled"})
-_PENDING = frozenset({"queued", "running"})
 
 
 @dataclass
@@ -84,76 +82,6 @@ class RunResult:
     failed_workers: dict[str, str] = field(default_factory=dict)
     valid: bool | None = None
     problems: list[str] = field(default_factory=list)
-
-
-@dataclass
-class _Slot:
-    """One worker as the scheduler sees it: its client, its load, whether it is alive."""
-
-    worker: Worker
-    depth: int
-    active: int = 0
-    assigned: int = 0
-    last_answer: float = field(default_factory=time.monotonic)
-    dead: str | None = None
-
-    @property
-    def url(self) -> str:
-        return self.worker.base
-
-
-@dataclass
-class _Attempt:
-    number: int
-    prompt_id: str
-    slot: _Slot
-    queued_at: str
-    started: float = field(default_factory=time.monotonic)
-    record: dict[str, Any] | None = None
-
-
-@dataclass
-class _Scene:
-    index: int
-    id: str
-    prompt: dict[str, Any]
-    tags: dict[str, Any]
-    label: str
-    attempts: list[_Attempt] = field(default_factory=list)
-    budget_used: int = 0
-    done: bool = False
-    success: bool = False
-    adopt: tuple[str, _Slot] | None = None
-
-
-class _Output:
-    """Per-scene lines (``tqdm.write`` under the bar on a terminal) and an overall bar of scenes done, with ETA."""
-
-    def __init__(self, out: TextIO, total: int, done: int) -> None:
-        self.out = out
-        self.bar = None
-        if bool(getattr(out, "isatty", lambda: False)()):
-            from tqdm import tqdm
-
-            self.bar = tqdm(total=total, initial=done, unit="scene", file=out, dynamic_ncols=True, leave=True)
-
-    def line(self, text: str) -> None:
-        """One line, kept above the bar."""
-        if self.bar is not None:
-            self.bar.write(text, file=self.out)
-        else:
-            self.out.write(text + "\n")
-            self.out.flush()
-
-    def scene_done(self) -> None:
-        """Advance the bar by one finished scene."""
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self) -> None:
-        """Close the bar."""
-        if self.bar is not None:
-            self.bar.close()
 
 
 def _policy_from(tel: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> QueuePolicy:
@@ -188,317 +116,7 @@ async def _preflight(worker: Worker, out: TextIO) -> dict[str, Any]:
     return dict(tel)
 
 
-class _Run:
-    """One invocation of the runner: the scenes, the workers, the records collected."""
-
-    def __init__(
-        self,
-        *,
-        run_id: str,
-        scenes: list[_Scene],
-        slots: list[_Slot],
-        policy: QueuePolicy,
-        max_wait: float,
-        grace: float,
-        out: _Output,
-        records: dict[str, dict[str, Any]],
-    ) -> None:
-        self.run_id = run_id
-        self.scenes = scenes
-        self.slots = slots
-        self.policy = policy
-        self.max_attempts = 1 + policy.scene_retry_budget
-        self.max_wait = max_wait
-        self.grace = grace
-        self.out = out
-        self.records = records  # prompt id -> record, every attempt of this run the runner knows of
-        self.stop = asyncio.Event()
-        self.failed_workers: dict[str, str] = {}
-
-    # --- scheduling --------------------------------------------------------------------------------------------
-
-    def _pick(self, avoid: _Slot | None) -> _Slot | None:
-        live = [s for s in self.slots if s.dead is None and s.active < s.depth]
-        if not live:
-            return None
-        preferred = [s for s in live if s is not avoid] or live
-        return min(preferred, key=lambda s: (s.active, s.assigned))
-
-    async def drive(self) -> None:
-        """Dispatch scenes until every one is done, no worker is left, or :attr:`stop` is set."""
-        todo: deque[tuple[_Scene, _Slot | None]] = deque((s, None) for s in self.scenes if not s.done)
-        tasks: dict[asyncio.Task[bool], _Scene] = {}
-        stopper = asyncio.ensure_future(self.stop.wait())
-        try:
-            while (todo or tasks) and not self.stop.is_set():
-                while todo:
-                    scene, avoid = todo[0]
-                    slot = scene.adopt[1] if scene.adopt and scene.adopt[1].dead is None else self._pick(avoid)
-                    if slot is None:
-                        break
-                    todo.popleft()
-                    slot.active += 1
-                    slot.assigned += 1
-                    tasks[asyncio.ensure_future(self._scene_on(scene, slot))] = scene
-                if not tasks:
-                    for scene, _ in todo:  # no live worker is left for them
-                        self._finish(scene, False, "not run: no live worker left")
-                    todo.clear()
-                    break
-                finished, _ = await asyncio.wait([*tasks, stopper], return_when=asyncio.FIRST_COMPLETED)
-                for task in finished:
-                    if task is stopper:
-                        continue
-                    scene = tasks.pop(task)
-                    slot_failed = task.result()
-                    if not scene.done:
-                        todo.appendleft((scene, slot_failed))
-        finally:
-            stopper.cancel()
-            for task in tasks:
-                task.cancel()
-            if tasks:
-                await asyncio.gather(*tasks, return_exceptions=True)
-
-    def _finish(self, scene: _Scene, success: bool, text: str) -> None:
-        scene.done, scene.success = True, success
-        self.out.line(f"{scene.label} {text}")
-        self.out.scene_done()
-
-    def _note_dead(self, slot: _Slot, reason: str) -> None:
-        if slot.dead is None:
-            slot.dead = reason
-            self.failed_workers[slot.url] = reason
-            self.out.line(f"worker {slot.url} failed: {reason}; its unfinished scenes go to the other workers")
-
-    # --- one scene on one worker -------------------------------------------------------------------------------
-
-    async def _scene_on(self, scene: _Scene, slot: _Slot) -> _Slot | None:
-        """Run (or adopt) an attempt of ``scene`` on ``slot`` and follow the worker's own retries.
-
-        Returns ``None`` when the scene is done, else the slot to avoid when it is queued again.
-        """
-        try:
-            if scene.adopt is not None:
-                pid, _ = scene.adopt
-                scene.adopt = None
-                attempt = _Attempt(len(scene.attempts) + 1, pid, slot, iso(time.time()) or "")
-                scene.attempts.append(attempt)
-                self.out.line(f"{scene.label} attempt {attempt.number} on {slot.url}: adopted pending prompt {pid}")
-            else:
-                if scene.budget_used >= self.max_attempts:
-                    self._finish(scene, False, f"failed: {scene.budget_used} attempt(s), retry budget spent")
-                    return None
-                attempt = await self._submit(scene, slot)
-                if attempt is None:
-                    return None if scene.done else slot
-            while True:
-                rec = await self._wait(scene, attempt)
-                if rec is None:  # worker dead, 404, or gave up waiting
-                    if scene.done:
-                        return None
-                    return slot
-                outcome = rec.get("Outcome")
-                elapsed = time.monotonic() - attempt.started
-                head = f"{scene.label} attempt {attempt.number} on {slot.url}:"
-                if outcome == "success":
-                    self._finish(scene, True, f"{head} success after {elapsed:.1f}s")
-                    return None
-                err = (rec.get("Error") or {}).get("Message") or outcome
-                if outcome == "error" and rec.get("RetriedBy"):
-                    self.out.line(f"{head} error after {elapsed:.1f}s: {err}; the worker queued a retry")
-                    scene.budget_used += 1
-                    attempt = _Attempt(attempt.number + 1, str(rec["RetriedBy"]), slot, iso(time.time()) or "")
-                    scene.attempts.append(attempt)
-                    continue
-                if outcome in _FINAL_FAILURES:
-                    self._finish(scene, False, f"{head} {outcome} after {elapsed:.1f}s: {err}")
-                    return None
-                # crashed, lost, or an outcome this runner does not know: a failed attempt, queued again.
-                self.out.line(f"{head} {outcome} after {elapsed:.1f}s: {err}")
-                return self._requeue_or_fail(scene, slot)
-        finally:
-            slot.active -= 1
-
-    def _requeue_or_fail(self, scene: _Scene, slot: _Slot) -> _Slot | None:
-        if scene.budget_used >= self.max_attempts:
-            self._finish(scene, False, f"failed: {scene.budget_used} attempt(s), retry budget spent")
-            return None
-        return slot
-
-    def _tags(self, scene: _Scene, number: int, retry_of: str | None) -> dict[str, Any]:
-        tags = dict(scene.tags)
-        tags["attempt"] = number
-        if retry_of:
-            tags["retry_of"] = retry_of
-        return tags
-
-    async def _submit(self, scene: _Scene, slot: _Slot) -> _Attempt | None:
-        """POST /prompt with a runner-chosen id; an unclear answer is checked and the same id sent again."""
-        scene.budget_used += 1
-        number = scene.budget_used
-        retry_of = scene.attempts[-1].prompt_id if scene.attempts else None
-        pid = str(uuid.uuid4())
-        attempt = _Attempt(len(scene.attempts) + 1, pid, slot, iso(time.time()) or "")
-        scene.attempts.append(attempt)
-        body = {
-            "prompt": scene.prompt,
-            "prompt_id": pid,
-            "extra_data": {"telemetry": self._tags(scene, number, retry_of)},
-        }
-        while True:
-            try:
-                status, answer = await slot.worker.call("POST", "/prompt", body)
-            except ServerUnreachable as exc:
-                if await self._unanswered(slot, str(exc)):
-                    self._lost(scene, attempt, f"worker {slot.url} stopped answering before accepting the prompt")
-                    return None
-                known = await self._known(slot, pid)
-                if known:
-                    break
-                continue  # unknown there: the same id again (idempotent)
-            slot.last_answer = time.monotonic()
-            if status == 200:
-                break
-            if status == 409:  # the id is already there: an earlier try of this same submission got through
-                break
-            message = json.dumps(answer)[:800] if not isinstance(answer, str) else answer[:800]
-            self.records[pid] = self._synthetic(scene, attempt, "error", f"refused by {slot.url}: HTTP {status}")
-            self._finish(scene, False, f"attempt {attempt.number} refused by {slot.url}: HTTP {status}: {message}")
-            return None
-        self.out.line(f"{scene.label} attempt {attempt.number} queued on {slot.url} as {pid}")
-        return attempt
-
-    async def _known(self, slot: _Slot, pid: str) -> bool:
-        try:
-            status, _ = await slot.worker.call("GET", f"/telemetry/prompts/{pid}", timeout=10)
-        except ServerUnreachable:
-            return False
-        slot.last_answer = time.monotonic()
-        return status == 200
-
-    async def _unanswered(self, slot: _Slot, reason: str) -> bool:
-        """Count a failed request; True (and the worker dead) once it has not answered for ``grace`` seconds."""
-        if slot.dead is not None:
-            return True
-        if time.monotonic() - slot.last_answer >= self.grace:
-            self._note_dead(slot, f"no answer for {self.grace:.0f}s ({reason})")
-            return True
-        await asyncio.sleep(min(1.0, self.grace / 5))
-        return slot.dead is not None
-
-    def _synthetic(self, scene: _Scene, attempt: _Attempt, outcome: str, message: str) -> dict[str, Any]:
-        """A record for an attempt whose worker cannot give one (dead, or the id is unknown there)."""
-        return {
-            "PromptId": attempt.prompt_id,
-            "RunId": self.run_id,
-            "SceneId": scene.id,
-            "Tags": self._tags(scene, attempt.number, None),
-            "Outcome": outcome,
-            "Error": {"Message": message},
-            "QueuedAt": attempt.queued_at,
-            "EndedAt": iso(time.time()),
-            "FallbackNotes": [message],
-            "Attempt": attempt.number,
-        }
-
-    def _lost(self, scene: _Scene, attempt: _Attempt, message: str) -> None:
-        attempt.record = self.records[attempt.prompt_id] = self._synthetic(scene, attempt, "crashed", message)
-        self.out.line(f"{scene.label} attempt {attempt.number} on {attempt.slot.url}: {message}")
-        self._requeue_or_fail(scene, attempt.slot)
-
-    async def _wait(self, scene: _Scene, attempt: _Attempt) -> dict[str, Any] | None:
-        """The attempt's final record, or ``None`` (worker dead, prompt unknown, waited ``max_wait``)."""
-        slot = attempt.slot
-        deadline = attempt.started + self.max_wait
-        state = "queued"
-        while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                message = f"gave up after {self.max_wait:.0f}s (prompt {attempt.prompt_id} still {state})"
-                self.records[attempt.prompt_id] = self._synthetic(scene, attempt, "crashed", message)
-                self._finish(scene, False, f"attempt {attempt.number} on {slot.url}: {message}")
-                return None
-            if slot.dead is not None:
-                self._lost(scene, attempt, f"worker {slot.url} failed ({slot.dead}) before the prompt ended")
-                return None
-            try:
-                status, body = await slot.worker.wait_once(attempt.prompt_id, min(left, 5.0))
-            except ServerUnreachable as exc:
-                if await self._unanswered(slot, str(exc)):
-                    self._lost(scene, attempt, f"worker {slot.url} failed ({slot.dead}) before the prompt ended")
-                    return None
-                continue
-            slot.last_answer = time.monotonic()
-            if status == 200 and isinstance(body, dict):
-                attempt.record = self.records[attempt.prompt_id] = body
-                return body
-            if status == 202 and isinstance(body, dict):
-                new = str(body.get("Outcome", "queued"))
-                if new != state and new == "running":
-                    self.out.line(
-                        f"{scene.label} attempt {attempt.number} running on {slot.url} "
-                        f"({time.monotonic() - attempt.started:.1f}s)"
-                    )
-                state = new
-                continue
-            if status == 404:
-                self._lost(scene, attempt, f"worker {slot.url} does not know prompt {attempt.prompt_id} (404)")
-                return None
-            if await self._unanswered(slot, f"HTTP {status}: {str(body)[:200]}"):
-                self._lost(scene, attempt, f"worker {slot.url} failed ({slot.dead}) before the prompt ended")
-                return None
-
-    # --- Ctrl-C ------------------------------------------------------------------------------------------------
-
-    async def cancel_pending(self) -> int:
-        """Delete this run's unfinished prompts from every live worker's queue and interrupt the running ones."""
-        by_slot: dict[int, list[str]] = {}
-        for scene in self.scenes:
-            for att in scene.attempts:
-                rec = self.records.get(att.prompt_id)
-                if rec is None or rec.get("Outcome") in _PENDING:
-                    by_slot.setdefault(id(att.slot), []).append(att.prompt_id)
-        cancelled = 0
-        for slot in self.slots:
-            ids = by_slot.get(id(slot))
-            if not ids or slot.dead is not None:
-                continue
-            try:
-                await slot.worker.call("POST", "/queue", {"delete": ids}, timeout=10)
-                _, queue = await slot.worker.call("GET", "/queue", timeout=10)
-                running = {str(item[1]) for item in (queue or {}).get("queue_running", []) if len(item) > 1}
-                for pid in set(ids) & running:
-                    await slot.worker.call("POST", "/interrupt", {"prompt_id": pid}, timeout=10)
-            except (ServerUnreachable, TypeError, AttributeError):
-                continue
-            cancelled += len(ids)
-        return cancelled
-
-
-async def _collect(slots: Sequence[_Slot], run_id: str) -> dict[str, tuple[dict[str, Any], _Slot]]:
-    """Every record of ``run_id`` the live workers hold (for ``--resume``): prompt id -> (record, worker)."""
-    found: dict[str, tuple[dict[str, Any], _Slot]] = {}
-    quoted = urllib.parse.quote(run_id, safe="")
-    for slot in slots:
-        try:
-            status, meta = await slot.worker.call("GET", f"/telemetry/runs/{quoted}", timeout=120)
-        except ServerUnreachable:
-            continue
-        if status != 200 or not isinstance(meta, Mapping):
-            continue
-        ids = [a["PromptId"] for s in meta.get("Scenes") or [] for a in s.get("AttemptSummaries") or []]
-        for pid in ids:
-            try:
-                status, rec = await slot.worker.call("GET", f"/telemetry/prompts/{pid}", timeout=30)
-            except ServerUnreachable:
-                break
-            if status == 200 and isinstance(rec, dict) and rec.get("RunId") == run_id:
-                found[pid] = (rec, slot)
-    return found
-
-
-def _build_scenes(story: Mapping[str, Any], workflow: Mapping[str, Any], run_id: str, policy: Any) -> list[_Scene]:
+def _build_scenes(story: Mapping[str, Any], workflow: Mapping[str, Any], run_id: str, policy: Any) -> list[Scene]:
     story_tag = {k: v for k, v in story.items() if k != "scenes"}
     scenes = []
     n = len(story["scenes"])
@@ -518,8 +136,31 @@ def _build_scenes(story: Mapping[str, Any], workflow: Mapping[str, Any], run_id:
         if policy:
             tags["policy"] = dict(policy)
         label = f"[scene {i + 1}/{n} {values['id']}]"
-        scenes.append(_Scene(i, values["id"], fill(workflow, values, {"id": run_id}), tags, label))
+        scenes.append(Scene(i, values["id"], fill(workflow, values, {"id": run_id}), tags, label))
     return scenes
+
+
+def _write_journal(out_dir: Path | None, records: Mapping[str, Mapping[str, Any]]) -> None:
+    """Keep the collected records beside the run's files, so ``--resume`` still has a dead worker's attempts."""
+    if out_dir is None or not records:
+        return
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / JOURNAL_FILE, metadata_json({"Records": list(records.values())}))
+    except OSError as exc:
+        raise RunnerError(f"cannot write {JOURNAL_FILE} into --out {out_dir}: {exc}") from None
+
+
+def _read_journal(out_dir: Path | None, run_id: str) -> list[dict[str, Any]]:
+    """The records an earlier run with this ``--out`` kept; [] when there are none or they cannot be read."""
+    if out_dir is None:
+        return []
+    try:
+        data = json.loads((out_dir / JOURNAL_FILE).read_bytes())
+    except (OSError, ValueError):
+        return []
+    items = data.get("Records") if isinstance(data, dict) else None
+    return [r for r in items or [] if isinstance(r, dict) and r.get("RunId") == run_id and r.get("PromptId")]
 
 
 def _resume_hint(run_id: str, servers: Sequence[str], workflow: Path, scenes: Path, out_dir: Path | None) -> str:
@@ -549,16 +190,18 @@ async def _run_async(
     wf = load_workflow(workflow)
     story = load_story(scenes_path)
     async with aiohttp.ClientSession() as session:
-        slots = [_Slot(Worker(url, session), depth) for url in servers]
+        slots = [Slot(Worker(url, session), depth) for url in servers]
         tels = [await _preflight(slot.worker, out) for slot in slots]
         run_policy = _policy_from(tels[0], policy)
         budget = float(max_wait or run_policy.max_wait_seconds or 600)
         scenes = _build_scenes(story, wf, run_id, policy)
         records: dict[str, dict[str, Any]] = {}
         if resume:
-            found = await _collect(slots, run_id)
-            by_scene: dict[str, list[tuple[dict[str, Any], _Slot]]] = {}
-            for rec, slot in found.values():
+            found = await collect(slots, run_id)
+            by_scene: dict[str, list[tuple[dict[str, Any], Slot | None]]] = {}
+            # What an earlier --out kept (attempts of workers gone since), then what the workers hold now.
+            journal = {r["PromptId"]: (r, None) for r in _read_journal(out_dir, run_id) if r["PromptId"] not in found}
+            for rec, slot in [*journal.values(), *found.values()]:
                 records[rec["PromptId"]] = rec
                 by_scene.setdefault(str(rec.get("SceneId") or rec["PromptId"]), []).append((rec, slot))
             for scene in scenes:
@@ -566,7 +209,7 @@ async def _run_async(
                 if any(r.get("Outcome") == "success" for r, _ in earlier):
                     scene.done = scene.success = True
                     continue
-                pending = [(r, s) for r, s in earlier if r.get("Outcome") in _PENDING]
+                pending = [(r, s) for r, s in earlier if r.get("Outcome") in PENDING and s is not None]
                 if pending:
                     scene.adopt = (pending[-1][0]["PromptId"], pending[-1][1])
             kept = sum(1 for s in scenes if s.done)
@@ -576,8 +219,8 @@ async def _run_async(
             )
         else:
             out.write(f"Run {run_id}: {len(scenes)} scene(s) on {len(slots)} worker(s), depth {depth}\n")
-        progress = _Output(out, len(scenes), sum(1 for s in scenes if s.done))
-        run = _Run(
+        progress = Output(out, len(scenes), sum(1 for s in scenes if s.done))
+        run = Run(
             run_id=run_id,
             scenes=scenes,
             slots=slots,
@@ -610,6 +253,8 @@ async def _run_async(
             progress.close()
         if interrupted:
             n = await run.cancel_pending()
+            await run.settle_cancelled()
+            _write_journal(out_dir, run.records)
             out.write(
                 f"\nInterrupted: {n} pending prompt(s) of run {run_id} cancelled on the workers.\n"
                 f"Resume with:\n  {_resume_hint(run_id, servers, workflow, scenes_path, out_dir)}\n"
@@ -620,7 +265,7 @@ async def _run_async(
 
 
 async def _conclude(
-    run: _Run, slots: Sequence[_Slot], out: TextIO, out_dir: Path | None, failed: list[str], story: Mapping[str, Any]
+    run: Run, slots: Sequence[Slot], out: TextIO, out_dir: Path | None, failed: list[str], story: Mapping[str, Any]
 ) -> RunResult:
     """Assemble the run from the collected records (``--out``), finalize on a single worker, print the summary."""
     run_id = run.run_id
@@ -640,6 +285,7 @@ async def _conclude(
         )
         summary = render_summary(meta)
         if out_dir is not None:
+            _write_journal(out_dir, run.records)
             meta["RunDir"] = str(out_dir.resolve())
             summary = render_summary(meta)
             try:

@@ -162,6 +162,8 @@ def test_ctrl_c_cancels_and_resume_runs_only_the_rest(comfy: ComfyServer, tmp_pa
             proc.wait()
     assert proc.returncode == 130, stdout + stderr
     assert "Resume with:" in stdout and f"--resume --run-id {run_id}" in stdout, stdout
+    journal = json.loads((out_dir / "runner-records.json").read_text())["Records"]
+    assert {r["SceneId"] for r in journal} >= {"1", "2", "3"}  # what the runner had collected, kept for --resume
     # Nothing of this run is left in the worker's queue.
     queue = comfy.get("/queue")
     ours = {json.dumps(item) for item in queue["queue_running"] + queue["queue_pending"] if run_id in json.dumps(item)}
