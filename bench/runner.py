@@ -82,6 +82,7 @@ def one(servers: list[Any], depth: int, scenes: int, seconds: float) -> dict[str
                     rec["_worker"] = s.url
                     records[att["PromptId"]] = rec
     gaps = _gaps(meta, records)
+    print("  gaps ms:", [round(g * 1000) for g in gaps])
     return {
         "workers": len(servers),
         "depth": depth,
