@@ -209,13 +209,13 @@ class Run:
                     return slot
                 outcome = rec.get("Outcome")
                 elapsed = time.monotonic() - attempt.started
-                head = f"{scene.label} attempt {attempt.number} on {slot.url}:"
+                head = f"attempt {attempt.number} on {slot.url}:"
                 if outcome == "success":
                     self._finish(scene, True, f"{head} success after {elapsed:.1f}s")
                     return None
                 err = (rec.get("Error") or {}).get("Message") or outcome
                 if outcome == "error" and rec.get("RetriedBy"):
-                    self.out.line(f"{head} error after {elapsed:.1f}s: {err}; the worker queued a retry")
+                    self.out.line(f"{scene.label} {head} error after {elapsed:.1f}s: {err}; the worker queued a retry")
                     scene.budget_used += 1
                     attempt = Attempt(attempt.number + 1, str(rec["RetriedBy"]), slot, iso(time.time()) or "")
                     scene.attempts.append(attempt)
@@ -224,7 +224,7 @@ class Run:
                     self._finish(scene, False, f"{head} {outcome} after {elapsed:.1f}s: {err}")
                     return None
                 # crashed, lost, or an outcome this runner does not know: a failed attempt, queued again.
-                self.out.line(f"{head} {outcome} after {elapsed:.1f}s: {err}")
+                self.out.line(f"{scene.label} {head} {outcome} after {elapsed:.1f}s: {err}")
                 return self._requeue_or_fail(scene, slot)
         finally:
             slot.active -= 1

@@ -135,6 +135,9 @@ def test_two_workers_one_killed_mid_run(two_workers: tuple[ComfyServer, ComfySer
     assert len(set(ids)) == len(ids) and all(UUID_RE.match(i) for i in ids)
     # Both workers had work before B died; A kept two of this run's prompts in its queue at a time.
     assert any(re.search(rf"queued on {re.escape(b.url)}", ln) for ln in text.splitlines())
+    # Plain lines (not a terminal): one final line per scene, each naming its scene once, its worker and attempt.
+    finals = [ln for ln in text.splitlines() if re.search(r"success after \d+\.\ds$", ln)]
+    assert len(finals) == 6 and all(re.match(r"^\[scene \d/6 \d\] attempt \d on http://", ln) for ln in finals), finals
 
 
 def test_ctrl_c_cancels_and_resume_runs_only_the_rest(comfy: ComfyServer, tmp_path: Path) -> None:
