@@ -301,3 +301,23 @@ def test_finalize_on_a_shared_output_folder_never_drops_another_workers_scenes(
     assert meta_path.read_bytes() == written  # nothing of A's run was dropped
     # The same worker finalizing again is not refused.
     assert a.request("POST", f"/telemetry/runs/{run_id}/finalize", {})[0] == 200
+
+
+def test_a_worker_counts_the_attempt_a_runner_tagged_against_the_budget(comfy: ComfyServer) -> None:
+    """A scene the runner moved from a dead worker arrives as attempt 2: the default budget (1 retry) is spent."""
+    run_id = f"moved-{uuid.uuid4().hex[:8]}"
+    failing = {
+        "1": {"class_type": "EmptyImage", "inputs": {"width": 8, "height": 8, "batch_size": 1, "color": 1}},
+        "2": {"class_type": "RTTestRaise", "inputs": {"image": ["1", 0], "message": "still broken"}},
+        "3": {"class_type": "SaveImage", "inputs": {"images": ["2", 0], "filename_prefix": f"{run_id}/a"}},
+    }
+    moved = comfy.queue(failing, extra_data={"telemetry": {"run_id": run_id, "scene_id": "1", "attempt": 2}})
+    status, rec = comfy.request("GET", f"/telemetry/prompts/{moved}/wait?timeout=60", timeout=90)
+    assert status == 200 and rec["Outcome"] == "error" and rec["Attempt"] == 2
+    assert rec["RetriedBy"] is None
+    assert any("retry budget exhausted" in n for n in rec["FallbackNotes"])
+    # Without the tag the same failure is retried once, as before.
+    first = comfy.queue(failing, extra_data={"telemetry": {"run_id": run_id + "-b", "scene_id": "1"}})
+    status, rec = comfy.request("GET", f"/telemetry/prompts/{first}/wait?timeout=60", timeout=90)
+    assert status == 200 and rec["RetriedBy"]
+    comfy.request("GET", f"/telemetry/prompts/{rec['RetriedBy']}/wait?timeout=60", timeout=90)
