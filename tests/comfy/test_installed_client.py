@@ -51,6 +51,7 @@ def test_installed_command_runs_elsewhere_without_comfyui_or_torch(installed: Pa
             py,
             "-c",
             "import importlib.util as u, json, run_telemetry, run_telemetry.runner, run_telemetry.remote;"
+            "from run_telemetry import run_story, wait_http, fetch_run, validate_run_dir, render_summary;"
             "print(json.dumps({m: u.find_spec(m) is not None for m in ('torch', 'comfy', 'telemetry', 'nodes')}));"
             "print(run_telemetry.__file__)",
         ],
