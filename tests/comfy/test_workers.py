@@ -135,6 +135,22 @@ def test_two_workers_one_killed_mid_run(two_workers: tuple[ComfyServer, ComfySer
     assert len(set(ids)) == len(ids) and all(UUID_RE.match(i) for i in ids)
     # Both workers had work before B died; A kept two of this run's prompts in its queue at a time.
     assert any(re.search(rf"queued on {re.escape(b.url)}", ln) for ln in text.splitlines())
+    # --resume with only A left: nothing to queue, and B's attempts (only in the runner's records now) are kept.
+    again = io.StringIO()
+    resumed = run_story(
+        server=[a.url],
+        workflow=slow_workflow(tmp_path),
+        scenes=slow_story(tmp_path, 6, 1.5),
+        run_id=run_id,
+        out=again,
+        out_dir=out_dir,
+        resume=True,
+    )
+    assert resumed.exit_code == 0, again.getvalue()
+    assert "6 scene(s) already succeeded, 0 to run" in again.getvalue() and "queued on" not in again.getvalue()
+    kept = json.loads((out_dir / "artifact-metadata.json").read_text())
+    assert [s["AttemptsRun"] for s in kept["Scenes"]] == [s["AttemptsRun"] for s in meta["Scenes"]]
+    assert validate_run_dir(out_dir).valid
     # Plain lines (not a terminal): one final line per scene, each naming its scene once, its worker and attempt.
     finals = [ln for ln in text.splitlines() if re.search(r"success after \d+\.\ds$", ln)]
     assert len(finals) == 6 and all(re.match(r"^\[scene \d/6 \d\] attempt \d on http://", ln) for ln in finals), finals
