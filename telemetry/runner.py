@@ -29,6 +29,7 @@ import signal
 import sys
 import time
 import urllib.parse
+from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -138,6 +139,18 @@ def _build_scenes(story: Mapping[str, Any], workflow: Mapping[str, Any], run_id:
         label = f"[scene {i + 1}/{n} {values['id']}]"
         scenes.append(Scene(i, values["id"], fill(workflow, values, {"id": run_id}), tags, label))
     return scenes
+
+
+def _workers(run: Run, slots: Sequence[Slot]) -> list[dict[str, Any]]:
+    """The contract's ``Workers``: each worker, the attempts queued on it in this invocation, and whether it failed."""
+    counts = Counter(att.slot.url for scene in run.scenes for att in scene.attempts)
+    workers = []
+    for slot in slots:
+        info: dict[str, Any] = {"Url": slot.url, "Attempts": counts[slot.url], "Failed": slot.dead is not None}
+        if slot.dead is not None:
+            info["Reason"] = slot.dead
+        workers.append(info)
+    return workers
 
 
 def _write_journal(out_dir: Path | None, records: Mapping[str, Mapping[str, Any]]) -> None:
@@ -283,6 +296,7 @@ async def _conclude(
             output_dir=out_dir or Path("."),
             run_info={"Story": story_tag} if story_tag else {},
         )
+        meta["Workers"] = _workers(run, slots)
         summary = render_summary(meta)
         if out_dir is not None:
             _write_journal(out_dir, run.records)

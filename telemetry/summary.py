@@ -357,6 +357,12 @@ def _render(run: ArtifactMetadata, scenes: list[Any]) -> str:
     llm = _llm_line(run)
     if llm is not None:
         lines.append(f"[{header_time}] {llm}")
+    for worker in run.workers or ():
+        if worker.failed:
+            lines.append(
+                f"[{header_time}] Worker failed: {one_line(worker.url)} ({one_line(worker.reason or 'no reason given')}); "
+                f"its unfinished scenes were queued on the other workers"
+            )
     for scene in scenes:
         _scene_lines(scene, run.timestamp, lines)
     return "\n".join(lines) + "\n"

@@ -120,6 +120,11 @@ def test_two_workers_one_killed_mid_run(two_workers: tuple[ComfyServer, ComfySer
     assert report.valid, report.errors
     meta = json.loads((out_dir / "artifact-metadata.json").read_text())
     assert (out_dir / "run-summary.txt").read_text() == render_summary(meta)
+    # The run's own files name the failed worker: Workers[] and a summary line.
+    workers = {w["Url"]: w for w in meta["Workers"]}
+    assert workers[b.url]["Failed"] is True and "no answer" in workers[b.url]["Reason"]
+    assert workers[a.url]["Failed"] is False and workers[a.url]["Attempts"] >= 4
+    assert f"Worker failed: {b.url} (no answer" in (out_dir / "run-summary.txt").read_text()
     assert [s["SceneId"] for s in meta["Scenes"]] == ["1", "2", "3", "4", "5", "6"]
     assert all(s["Success"] for s in meta["Scenes"])
     moved = [s for s in meta["Scenes"] if s["AttemptsRun"] == 2]
