@@ -278,12 +278,6 @@ def install_runs(rt: Runtime, server: Any) -> None:
             return
         scene = book.scene_of(rec.PromptId, rec.SceneId)
         rec.Attempt = book.started(rec.RunId, scene, rec.PromptId)
-        # A runner that moved the scene from a dead worker tags the attempt number it is at (run-telemetry run):
-        # counted, so the budget holds across workers. A tag can only spend the budget sooner, never add a retry,
-        # and never makes an attempt a requeue (RetryOf stays the budget's own).
-        tagged = rec.Tags.get("attempt")
-        if isinstance(tagged, int) and not isinstance(tagged, bool) and tagged > rec.Attempt:
-            rec.Attempt = tagged
         planned = book.planned(rec.PromptId)
         # Only the budget's own retries are requeues; attempt/retry_of tags a client sends are not trusted.
         rec.RetryOf = planned.retry_of if planned is not None else None
@@ -389,6 +383,12 @@ def retry_failed_scene(rt: Runtime, server: Any, rec: PromptRecord) -> None:
     except Exception as exc:
         logger.warning("Run Telemetry: earlier attempts of scene %s not read from the store: %s", scene, exc)
     attempts = max(len(ids), rec.Attempt)
+    # `run-telemetry run` tags the attempt number of a scene it moved from a dead worker, which this process never
+    # saw: counted here only, so the budget holds across workers. A tag can only spend the budget sooner; it never
+    # adds a retry, and Attempt/RetryOf stay this process's own.
+    tagged = rec.Tags.get("attempt")
+    if isinstance(tagged, int) and not isinstance(tagged, bool) and tagged > attempts:
+        attempts = tagged
     # run_policy caps a run's budget at SCENE_RETRY_BUDGET; min() keeps the ceiling if that ever changes.
     budget = min(policy.scene_retry_budget, rt.policy.scene_retry_budget)
     if attempts >= 1 + budget:
