@@ -28,9 +28,11 @@ def test_wait_and_fetch_refuse_bad_input_naming_it(tmp_path: Path) -> None:
     proc = run("wait", "--server", "gpu-1:8188", "--prompt-id", "abc")
     assert proc.returncode == 2 and "--server 'gpu-1:8188' is not a server URL" in proc.stderr
     proc = run("wait", "--server", "http://127.0.0.1:1", "--prefix", "x")
-    assert proc.returncode == 2 and "give one set or the other" in proc.stderr
+    assert proc.returncode == 2 and "--prefix read a shared disk" in proc.stderr
+    proc = run("wait", "--server", "http://127.0.0.1:1")
+    assert proc.returncode == 2 and "--server needs --prompt-id" in proc.stderr
     proc = run("wait", "--prompt-id", "abc")
-    assert proc.returncode == 2 and "--prompt-id needs --server" in proc.stderr
+    assert proc.returncode == 2 and "--output-dir and --prefix" in proc.stderr
     proc = run("wait")
     assert proc.returncode == 2 and "--output-dir and --prefix" in proc.stderr
     proc = run("fetch", "--server", "http://127.0.0.1:1", "--run-id", "../x", "--out", str(tmp_path))
