@@ -32,6 +32,8 @@ from ..telemetry.summary import render_summary
 from .common import json_error
 
 logger = logging.getLogger("run_telemetry")
+# How long finalize (and the assembly route) waits for the store thread to write the records already answered.
+STORE_FLUSH_SECONDS = 10.0
 
 
 def clean_finalize_temps(output_dir: Path) -> list[Path]:
@@ -115,6 +117,13 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
         return run_id
 
     def assemble(run_id: str, llm: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        # The wait route answers before the store's thread has the final row: a client that finalizes right after
+        # its last wait (run-telemetry run does) must find every record it was answered with. Bounded.
+        store_writer = getattr(rt, "store_writer", None)
+        if store_writer is not None and not store_writer.flush(STORE_FLUSH_SECONDS):
+            logger.warning(
+                "Run Telemetry: run %s assembled before the store caught up (%.0f s)", run_id, STORE_FLUSH_SECONDS
+            )
         records = rt.store.by_run_raw(run_id)
         if not records:
             return None

@@ -264,7 +264,13 @@ def test_run_routes_speak_iso_times_and_name_unknown_runs(comfy: ComfyServer) ->
         extra_data={"telemetry": {"run_id": run_id, "scene_id": "1"}},
     )
     comfy.request("GET", f"/telemetry/prompts/{pid}/wait?timeout=60", timeout=90)
-    runs = {r["RunId"]: r for r in comfy.get("/telemetry/runs")["Runs"]}
+    runs: dict = {}
+
+    def listed() -> bool:  # the store gets the record on its own thread, just after the wait route answers
+        runs.update({r["RunId"]: r for r in comfy.get("/telemetry/runs")["Runs"]})
+        return run_id in runs
+
+    wait_until(listed, 30, what=f"run {run_id} in GET /telemetry/runs")
     assert re.fullmatch(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z", runs[run_id]["LastActivity"])
     status, body = comfy.request("GET", "/telemetry/runs/never-seen-run/run-summary.txt")
     assert status == 404 and "unknown run" in body["error"]
