@@ -383,6 +383,12 @@ def retry_failed_scene(rt: Runtime, server: Any, rec: PromptRecord) -> None:
     except Exception as exc:
         logger.warning("Run Telemetry: earlier attempts of scene %s not read from the store: %s", scene, exc)
     attempts = max(len(ids), rec.Attempt)
+    # `run-telemetry run` tags the attempt number of a scene it moved from a dead worker, which this process never
+    # saw: counted here only, so the budget holds across workers. A tag can only spend the budget sooner; it never
+    # adds a retry, and Attempt/RetryOf stay this process's own.
+    tagged = rec.Tags.get("attempt")
+    if isinstance(tagged, int) and not isinstance(tagged, bool) and tagged > attempts:
+        attempts = tagged
     # run_policy caps a run's budget at SCENE_RETRY_BUDGET; min() keeps the ceiling if that ever changes.
     budget = min(policy.scene_retry_budget, rt.policy.scene_retry_budget)
     if attempts >= 1 + budget:

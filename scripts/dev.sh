@@ -44,12 +44,12 @@ case "$cmd" in
     exec "$PY" -m harness.demo "$@"
     ;;
   bench)
-    # scripts/dev.sh bench overhead|latency|routes|scale|idle|settle|all [ARGS]: real ComfyUI, figures printed as ratios
+    # scripts/dev.sh bench overhead|latency|routes|scale|idle|settle|runner|all [ARGS]: real ComfyUI, figures printed as ratios
     name="${1:-}"
     shift || true
     case "$name" in
-      overhead|latency|routes|scale|idle|settle|all) ;;
-      *) echo "usage: scripts/dev.sh bench overhead|latency|routes|scale|idle|settle|all [ARGS]" >&2; exit 2 ;;
+      overhead|latency|routes|scale|idle|settle|runner|all) ;;
+      *) echo "usage: scripts/dev.sh bench overhead|latency|routes|scale|idle|settle|runner|all [ARGS]" >&2; exit 2 ;;
     esac
     if [ "$name" = routes ] || [ "$name" = all ]; then
       need_apt /usr/bin/wrk wrk "the routes bench"

@@ -162,7 +162,16 @@ def build_openapi(version: str) -> dict[str, Any]:
         "/telemetry/runs/{run_id}/finalize": {
             "post": {
                 "summary": "Write artifact-metadata.json and run-summary.txt atomically and validate them",
-                "parameters": [RUN_ID],
+                "parameters": [
+                    RUN_ID,
+                    {
+                        "name": "replace",
+                        "in": "query",
+                        "required": False,
+                        "description": "1: overwrite a run folder that holds another worker's attempts",
+                        "schema": {"type": "string", "enum": ["0", "1", "true", "false"]},
+                    },
+                ],
                 "responses": {
                     "200": _ok("Paths and validation"),
                     "400": _ERROR,

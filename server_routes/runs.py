@@ -21,6 +21,7 @@ from ..telemetry.runs import (
     SUMMARY_FILE,
     assemble_run,
     finalize_files,
+    foreign_scenes,
     gc_paused,
     is_finalized,
     read_run_file,
@@ -31,6 +32,8 @@ from ..telemetry.summary import render_summary
 from .common import json_error
 
 logger = logging.getLogger("run_telemetry")
+# How long finalize (and the assembly route) waits for the store thread to write the records already answered.
+STORE_FLUSH_SECONDS = 10.0
 
 
 def clean_finalize_temps(output_dir: Path) -> list[Path]:
@@ -114,6 +117,13 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
         return run_id
 
     def assemble(run_id: str, llm: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        # The wait route answers before the store's thread has the final row: a client that finalizes right after
+        # its last wait (run-telemetry run does) must find every record it was answered with. Bounded.
+        store_writer = getattr(rt, "store_writer", None)
+        if store_writer is not None and not store_writer.flush(STORE_FLUSH_SECONDS):
+            logger.warning(
+                "Run Telemetry: run %s assembled before the store caught up (%.0f s)", run_id, STORE_FLUSH_SECONDS
+            )
         records = rt.store.by_run_raw(run_id)
         if not records:
             return None
@@ -181,6 +191,23 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
                     info["LLMHealthInfo"] = llm
                     getattr(rt, "store_writer", rt.writer).submit(lambda: rt.store.put_run(run_id, info))
                 folder = Path(meta["RunDir"])
+                if request.query.get("replace") not in ("1", "true"):
+                    try:
+                        existing = read_run_file(rt.output_dir(), run_id, METADATA_FILE)
+                    except (OSError, UnsafePathError):  # none yet, or a link finalize_files refuses below
+                        existing = None
+                    foreign = foreign_scenes(existing, meta)
+                    if foreign:
+                        named = ", ".join(f"{scene} ({', '.join(ids)})" for scene, ids in sorted(foreign.items()))
+                        return json_error(
+                            409,
+                            f"{folder / METADATA_FILE} holds attempts this server has no record of (another worker's "
+                            f"finalize on a shared output folder?): scene(s) {named}. Nothing was written. Assemble "
+                            "the run across workers with `run-telemetry run --out DIR` (or `fetch` each worker's run "
+                            "into its own folder); POST ...?replace=1 overwrites with this server's scenes only.",
+                            RunId=run_id,
+                            ForeignScenes=foreign,
+                        )
                 try:
                     report = finalize_files(folder, meta, render_summary(meta), output_dir=rt.output_dir())
                 except UnsafePathError as exc:
@@ -202,7 +229,8 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
                 "MetadataPath": str(folder / METADATA_FILE),
                 "SummaryPath": str(folder / SUMMARY_FILE),
                 "Valid": report.valid,
-                "Problems": report.errors,
+                "Errors": report.errors,  # named as `validate --json` names them
+                "Problems": report.errors,  # deprecated alias of Errors
                 "Scenes": scenes,
             }
             emit_run_finalized(rt, result)
@@ -215,6 +243,11 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
         try:
             data = await asyncio.to_thread(read_run_file, rt.output_dir(), run_id, name)
         except FileNotFoundError:
+            known = await asyncio.to_thread(rt.store.by_run_raw, run_id)
+            if not known:
+                return json_error(
+                    404, f"unknown run {run_id!r}: no prompt was tagged with it and it was never finalized"
+                )
             return json_error(404, f"run {run_id!r} has no {name} yet: POST /telemetry/runs/{run_id}/finalize first")
         except UnsafePathError as exc:
             # Never serve a file outside the output folder: a symlinked run folder or file is refused.

@@ -1,4 +1,4 @@
-"""The ``python -m telemetry`` command line: one sub-command per module that defines ``register``."""
+"""The ``run-telemetry`` (or ``python -m telemetry``) command line: one sub-command per module that defines ``register``."""
 
 from __future__ import annotations
 
@@ -11,13 +11,18 @@ from . import __version__
 
 # Each module named here defines ``register(subparsers)``, adding its sub-commands with
 # ``set_defaults(func=handler)``; a handler takes the parsed namespace and returns the exit code.
-COMMAND_MODULES: tuple[str, ...] = ("consumer", "validate", "schema", "runner")
+COMMAND_MODULES: tuple[str, ...] = ("consumer", "remote", "validate", "schema", "runner")
+
+
+def prog_name() -> str:
+    """``run-telemetry`` when installed (import package ``run_telemetry``), else ``python -m telemetry``."""
+    return "run-telemetry" if __package__ == "run_telemetry" else "python -m telemetry"
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The top-level parser with every sub-command registered."""
     parser = argparse.ArgumentParser(
-        prog="python -m telemetry",
+        prog=prog_name(),
         description="Run Telemetry: validate runs, wait for done markers, write markers, drive runs.",
     )
     parser.add_argument("--version", action="version", version=f"run-telemetry {__version__}")

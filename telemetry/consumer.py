@@ -750,7 +750,35 @@ def _validate_wait_args(args: argparse.Namespace) -> _WaitInputs:
 
 
 def wait_command(args: argparse.Namespace) -> int:
-    """Handler for ``wait``: wait for the marker, verify, copy, print one JSON object."""
+    """Handler for ``wait``: wait for the marker, verify, copy, print one JSON object (or, with ``--server``, the
+    prompt's record through the wait route, see :mod:`.remote`)."""
+    if args.server is not None:
+        disk_only = [
+            name
+            for name, value in (
+                ("--output-dir", args.output_dir),
+                ("--prefix", args.prefix),
+                ("--copy-to", args.copy_to),
+                ("--newer-than", args.newer_than),
+            )
+            if value is not None
+        ]
+        if disk_only:
+            return _fail_input(
+                "wait",
+                BadInputError(
+                    f"--server waits through HTTP; {', '.join(disk_only)} read a shared disk: give --server with "
+                    "--prompt-id, or --output-dir and --prefix without --server"
+                ),
+            )
+        from .remote import wait_server_command
+
+        return wait_server_command(args)
+    if args.output_dir is None or args.prefix is None:
+        return _fail_input(
+            "wait",
+            BadInputError("give --output-dir and --prefix (shared disk), or --server and --prompt-id (over HTTP)"),
+        )
     try:
         inputs = _validate_wait_args(args)
     except (BadInputError, UnsafePrefixError) as exc:
@@ -984,16 +1012,20 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         help="wait for <prefix>.done or .failed, verify and copy the outputs",
         description=(
             "Wait for <prefix>.done or <prefix>.failed under the output folder, verify the listed outputs and "
-            "print one JSON object. Exit 0 done, 1 failed or not verified, 2 bad input, 3 timed out."
+            "print one JSON object. Exit 0 done, 1 failed or not verified, 2 bad input, 3 timed out. "
+            "With --server URL --prompt-id ID instead: wait through the server's wait route (no shared disk) and "
+            "print the prompt's record; exit 0 success, 1 failed/cancelled, 2 unknown prompt, 3 timed out."
         ),
     )
-    wait.add_argument("--output-dir", required=True, help="ComfyUI's output folder")
-    wait.add_argument("--prefix", required=True, help="the filename_prefix the marker was written for")
+    wait.add_argument("--output-dir", help="ComfyUI's output folder (shared-disk mode)")
+    wait.add_argument("--prefix", help="the filename_prefix the marker was written for (shared-disk mode)")
+    wait.add_argument("--server", help="ComfyUI base URL (HTTP mode), e.g. http://gpu-1:8188")
     wait.add_argument("--timeout", type=float, default=60.0, help="seconds to wait (default 60)")
     wait.add_argument("--poll-interval", type=float, default=0.05, help="seconds between polls without inotify")
     wait.add_argument(
         "--prompt-id",
-        help="only a marker whose PromptId is this is the answer; other prompts' markers are ignored (keep waiting)",
+        help="only a marker whose PromptId is this is the answer; other prompts' markers are ignored (keep waiting); "
+        "with --server: the prompt to wait for",
     )
     wait.add_argument(
         "--newer-than",

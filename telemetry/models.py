@@ -243,6 +243,15 @@ class LLMHealthInfo(ContractModel):
     override: str | None = Field(default=None, alias="Override", description="Model override in force, if any.")
 
 
+class WorkerInfo(ContractModel):
+    """One ComfyUI worker a runner used for the run (written by ``run-telemetry run``, not by a server's finalize)."""
+
+    url: str = Field(alias="Url", description="The worker's base URL, as given to --server.")
+    attempts: int = Field(alias="Attempts", ge=0, description="Attempts the runner queued on it (this invocation).")
+    failed: bool = Field(alias="Failed", description="True when it stopped answering or died during the run.")
+    reason: str | None = Field(default=None, alias="Reason", description="Why it counts as failed.")
+
+
 class Story(ContractModel):
     """The story a run renders; more fields may follow."""
 
@@ -263,6 +272,9 @@ class ArtifactMetadata(ContractModel):
     scenes: list[Scene] = Field(alias="Scenes")
     # Added by this package.
     generator: str | None = Field(default=None, alias="Generator", description="Writer and version of this file.")
+    workers: list[WorkerInfo] | None = Field(
+        default=None, alias="Workers", description="The workers a runner spread the run over (runner's --out only)."
+    )
 
 
 # --- helpers shared by the recorder, the renderer and the validator -------------------------------------------------

@@ -1,249 +1,128 @@
-"""``python -m telemetry run``: drive a story through a ComfyUI that has this package, one prompt per scene.
+"""``run-telemetry run``: drive a story through one or several ComfyUI workers that have this package.
 
-Placeholders in the API-format workflow are filled per scene: ``{{scene.prompt}}``, ``{{scene.negative_prompt}}``,
-``{{scene.prefix}}``, ``{{scene.seed}}``, ``{{scene.frames}}``, ``{{scene.id}}``, ``{{scene.title}}``, any other
-key of the scene, and ``{{run.id}}``. A string that is exactly one placeholder takes the value's own type (a number
-stays a number); inside longer text it is written as text.
+Scenes go to the least-loaded live worker; each worker holds at most ``--depth`` of this run's prompts (queued or
+running) so its GPU does not idle between scenes. The runner chooses every prompt's id (a lowercase UUID), so a
+submission whose answer was lost is asked about and, if unknown, sent again with the same id.
+
+Attempts of a scene, within ``1 + SceneRetryBudget`` (the workers' policy):
+- ``success``: done. ``error``: the worker itself requeues the scene while the budget lasts (``RetriedBy``); the
+  runner follows that chain on the same worker.
+- ``interrupted`` / ``cancelled`` (a person stopped or deleted it): the scene failed; not requeued.
+- ``crashed`` / ``lost``, an id the worker does not know (404), or a worker that stops answering for
+  ``--worker-grace`` seconds: a failed attempt; the scene is queued again on a live worker while the budget lasts.
+  A dead worker gets no more scenes and is named in the summary.
+
+The run is assembled from the records the runner collected, with the same code as the server's finalize
+(:func:`telemetry.runs.assemble_run`, :func:`telemetry.runs.finalize_files`), into ``--out``; a single-worker run is
+also finalized on its server. ``--resume`` with an existing ``--run-id`` reads the run's records from the workers,
+keeps them, and queues only the scenes that have not succeeded (adopting prompts still pending). Ctrl-C cancels this
+run's pending prompts on every worker and prints the command that resumes.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
+import dataclasses
 import json
-import re
+import signal
 import sys
 import time
-import urllib.error
 import urllib.parse
-import urllib.request
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
 
-from .runs import run_id_problem
+import aiohttp
 
-PLACEHOLDER = re.compile(r"\{\{\s*(scene|run)\.([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+from .atomic import atomic_write
+from .dispatch import PENDING, Output, Run, Scene, Slot, collect
+from .policy import QueuePolicy, apply_overrides
+from .remote import ServerUnreachable, Worker, check_server_url
+from .runs import assemble_run, finalize_files, metadata_json, run_id_problem
+from .story import (  # re-exported: the runner's public helpers
+    PLACEHOLDER,
+    RunnerError,
+    fill,
+    load_story,
+    load_workflow,
+    scene_values,
+)
+from .summary import render_summary
 
+__all__ = [
+    "PLACEHOLDER",
+    "RunResult",
+    "RunnerError",
+    "fill",
+    "load_story",
+    "load_workflow",
+    "register",
+    "run_story",
+    "scene_values",
+]
 
-class RunnerError(Exception):
-    """A problem the user can fix; the message says which input and how."""
+DEFAULT_DEPTH = 2
+# Beside artifact-metadata.json in --out: every record the runner collected, for --resume.
+JOURNAL_FILE = "runner-records.json"
+DEFAULT_WORKER_GRACE = 30.0
+EXIT_INTERRUPTED = 130
 
 
 @dataclass
 class RunResult:
-    """What a run ended with."""
+    """What a run ended with: exit code, run id, where its files are, failed scenes and workers."""
 
     exit_code: int
     run_id: str
     run_dir: str | None = None
     failed_scenes: list[str] = field(default_factory=list)
     summary: str | None = None
+    failed_workers: dict[str, str] = field(default_factory=dict)
+    valid: bool | None = None
+    problems: list[str] = field(default_factory=list)
 
 
-class Client:
-    """A tiny JSON client of one ComfyUI server (standard library only)."""
-
-    def __init__(self, base: str, timeout: float = 30.0) -> None:
-        self.base = base.rstrip("/")
-        self.timeout = timeout
-
-    def call(self, method: str, path: str, body: Any = None, timeout: float | None = None) -> tuple[int, Any]:
-        """(status, JSON or text); raises RunnerError when the server cannot be reached."""
-        data = json.dumps(body).encode() if body is not None else None
-        req = urllib.request.Request(self.base + path, data=data, method=method)
-        if data is not None:
-            req.add_header("Content-Type", "application/json")
-        try:
-            with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
-                status, raw = resp.status, resp.read()
-        except urllib.error.HTTPError as exc:
-            status, raw = exc.code, exc.read()
-        except (urllib.error.URLError, OSError) as exc:
-            reason = getattr(exc, "reason", exc)
-            raise RunnerError(f"cannot reach ComfyUI at {self.base}: {reason}") from None
-        text = raw.decode("utf-8", errors="replace")
-        try:
-            return status, json.loads(text)
-        except ValueError:
-            return status, text
+def _policy_from(tel: Mapping[str, Any], overrides: Mapping[str, Any] | None) -> QueuePolicy:
+    view = tel.get("Policy") or {}
+    known = {f.name for f in dataclasses.fields(QueuePolicy)}
+    policy = QueuePolicy(**{k: v for k, v in view.items() if k in known and isinstance(v, int)})
+    if overrides:
+        policy, _ = apply_overrides(policy, overrides)
+    return policy
 
 
-def _read_json(path: Path, what: str) -> Any:
-    if not path.exists():
-        raise RunnerError(f"{what} file {path} does not exist")
-    if not path.is_file():
-        raise RunnerError(f"{what} {path} is not a file")
-    try:
-        return json.loads(path.read_text(encoding="utf-8-sig"))
-    except ValueError as exc:
-        raise RunnerError(f"{what} file {path} is not valid JSON: {exc}") from None
-
-
-def load_workflow(path: Path) -> dict[str, Any]:
-    """An API-format workflow with at least one placeholder."""
-    wf = _read_json(path, "workflow")
-    if isinstance(wf, Mapping) and "nodes" in wf and "links" in wf:
-        raise RunnerError(f"{path} is a UI workflow; export it in API format (Workflow > Export (API))")
-    if not isinstance(wf, Mapping) or not all(isinstance(v, Mapping) and "class_type" in v for v in wf.values()):
-        raise RunnerError(f"{path} is not an API-format workflow (an object of nodes with class_type and inputs)")
-    if not PLACEHOLDER.search(json.dumps(wf)):
-        raise RunnerError(
-            f"workflow {path} has no placeholders: put {{{{scene.prefix}}}} in its SaveImage/WriteDoneMarker "
-            "filename_prefix (and {{scene.prompt}}, {{scene.seed}} … where the scene should change the prompt)"
-        )
-    return dict(wf)
-
-
-def load_story(path: Path) -> dict[str, Any]:
-    """A story: ``{"id", "logline", "directors_vision", "scenes": [{"id", "title", "prompt", …}]}``."""
-    story = _read_json(path, "scenes")
-    scenes = story.get("scenes") if isinstance(story, Mapping) else story
-    if not isinstance(scenes, list) or not scenes:
-        raise RunnerError(f"scenes file {path} must hold a non-empty list 'scenes'")
-    for i, sc in enumerate(scenes, 1):
-        if not isinstance(sc, Mapping):
-            raise RunnerError(f"scene {i} in {path} must be an object")
-        sid = str(sc.get("id", i))
-        problem = run_id_problem(sid, name=f"scene {i} id")
-        if problem:
-            raise RunnerError(f"{path}: {problem}")
-    return dict(story) if isinstance(story, Mapping) else {"scenes": scenes}
-
-
-def fill(value: Any, scene: Mapping[str, Any], run: Mapping[str, Any]) -> Any:
-    """``value`` with every placeholder replaced from ``scene`` / ``run``."""
-    if isinstance(value, str):
-        whole = PLACEHOLDER.fullmatch(value.strip())
-        if whole:
-            return _lookup(whole.group(1), whole.group(2), scene, run)
-        return PLACEHOLDER.sub(lambda m: str(_lookup(m.group(1), m.group(2), scene, run)), value)
-    if isinstance(value, list):
-        return [fill(v, scene, run) for v in value]
-    if isinstance(value, Mapping):
-        return {k: fill(v, scene, run) for k, v in value.items()}
-    return value
-
-
-def _lookup(kind: str, key: str, scene: Mapping[str, Any], run: Mapping[str, Any]) -> Any:
-    source = scene if kind == "scene" else run
-    if key not in source:
-        raise RunnerError(f"placeholder {{{{{kind}.{key}}}}} has no value: add '{key}' to the {kind}")
-    return source[key]
-
-
-def scene_values(story: Mapping[str, Any], index: int, run_id: str) -> dict[str, Any]:
-    """The values a scene's placeholders take (defaults for prefix, seed, frames, texts)."""
-    raw = dict(story["scenes"][index])
-    sid = str(raw.get("id", index + 1))
-    values = {
-        "id": sid,
-        "title": raw.get("title", f"Scene {sid}"),
-        "prompt": raw.get("prompt", ""),
-        "negative_prompt": raw.get("negative_prompt", ""),
-        "prefix": raw.get("prefix", f"{run_id}/scene-{sid}/frame"),
-        "seed": raw.get("seed", index + 1),
-        "frames": raw.get("frames", 8),
-        "frame_floor": raw.get("frame_floor", 0),
-    }
-    values.update({k: v for k, v in raw.items() if k not in values})
-    return values
-
-
-class Progress:
-    """One line per scene: a bar of elapsed time against the scene's budget, redrawn on a terminal."""
-
-    def __init__(self, out: TextIO, label: str, budget: float) -> None:
-        self.out, self.label, self.budget = out, label, max(budget, 1.0)
-        self.t0 = time.monotonic()
-        self.tty = bool(getattr(out, "isatty", lambda: False)())
-        self.state = ""
-
-    def update(self, state: str) -> None:
-        """Redraw with ``state`` (on a non-terminal only state changes are printed)."""
-        elapsed = time.monotonic() - self.t0
-        if self.tty:
-            filled = int(20 * min(1.0, elapsed / self.budget))
-            bar = "#" * filled + "." * (20 - filled)
-            self.out.write(f"\r{self.label} [{bar}] {state:<12} {elapsed:6.1f}s")
-            self.out.flush()
-        elif state != self.state:
-            self.out.write(f"{self.label} {state} ({elapsed:.1f}s)\n")
-            self.out.flush()
-        self.state = state
-
-    def done(self, text: str) -> None:
-        """Finish the line."""
-        if self.tty:
-            self.out.write("\r" + " " * 79 + "\r")
-        self.out.write(f"{self.label} {text}\n")
-        self.out.flush()
-
-
-def wait_final(client: Client, prompt_id: str, max_wait: float, progress: Progress) -> dict[str, Any] | None:
-    """Wait through the wait route until the prompt ends; ``None`` after ``max_wait`` seconds."""
-    deadline = time.monotonic() + max_wait
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            return None
-        status, body = client.call(
-            "GET", f"/telemetry/prompts/{prompt_id}/wait?timeout={min(left, 1.0):.3f}", timeout=left + 30
-        )
-        if status == 200:
-            return body
-        if status == 202:
-            progress.update(str(body.get("Outcome", "queued")))
-            continue
-        raise RunnerError(f"waiting for prompt {prompt_id} failed: HTTP {status}: {body}")
-
-
-def preflight(client: Client, out: TextIO) -> dict[str, Any]:
+async def _preflight(worker: Worker, out: TextIO) -> dict[str, Any]:
     """Server reachable, this package's routes present, a GPU snapshot printed."""
-    status, _ = client.call("GET", "/system_stats")
-    if status != 200:
-        raise RunnerError(f"{client.base} answered /system_stats with HTTP {status}: is it ComfyUI?")
-    status, tel = client.call("GET", "/telemetry?limit=1")
+    try:
+        status, _ = await worker.call("GET", "/system_stats")
+        if status != 200:
+            raise RunnerError(f"{worker.base} answered /system_stats with HTTP {status}: is it ComfyUI?")
+        status, tel = await worker.call("GET", "/telemetry?limit=1")
+    except ServerUnreachable as exc:
+        raise RunnerError(f"cannot reach ComfyUI at {worker.base}: {exc}") from None
     if status != 200 or not isinstance(tel, Mapping):
-        raise RunnerError(f"Run Telemetry is not installed on {client.base} (GET /telemetry answered {status})")
-    dev = (tel.get("Snapshot") or {}).get("Device") or {}
+        raise RunnerError(f"Run Telemetry is not installed on {worker.base} (GET /telemetry answered {status})")
+    snap = tel.get("Snapshot") or {}
+    dev = snap.get("Device") or {}
     total, free = dev.get("VramTotal") or 0, dev.get("VramFree") or 0
     out.write(
-        f"Preflight: {client.base} ok; device {dev.get('Name')} ({dev.get('Type')}), "
-        f"{free / 1048576:.0f} MiB free of {total / 1048576:.0f} MiB via {(tel.get('Snapshot') or {}).get('Source')}\n"
+        f"Preflight: {worker.base} ok; device {dev.get('Name')} ({dev.get('Type')}), "
+        f"{free / 1048576:.0f} MiB free of {total / 1048576:.0f} MiB via {snap.get('Source')}\n"
     )
     for note in tel.get("FallbackNotes") or []:
         out.write(f"  note: {note}\n")
     return dict(tel)
 
 
-def run_story(
-    *,
-    server: str,
-    workflow: Path,
-    scenes: Path,
-    run_id: str | None = None,
-    out: TextIO = sys.stdout,
-    max_wait: float | None = None,
-    policy: Mapping[str, Any] | None = None,
-) -> RunResult:
-    """Run every scene of a story, wait for each, finalize the run, print its summary."""
-    run_id = run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}"
-    problem = run_id_problem(run_id, name="--run-id")
-    if problem:
-        raise RunnerError(problem)
-    wf = load_workflow(Path(workflow))
-    story = load_story(Path(scenes))
-    client = Client(server)
-    tel = preflight(client, out)
-    budget = float(max_wait or ((tel.get("Policy") or {}).get("max_wait_seconds") or 600))
+def _build_scenes(story: Mapping[str, Any], workflow: Mapping[str, Any], run_id: str, policy: Any) -> list[Scene]:
     story_tag = {k: v for k, v in story.items() if k != "scenes"}
-    failed: list[str] = []
+    scenes = []
     n = len(story["scenes"])
-    out.write(f"Run {run_id}: {n} scene(s)\n")
     for i in range(n):
         values = scene_values(story, i, run_id)
-        prompt = fill(wf, values, {"id": run_id})
         tags: dict[str, Any] = {
             "run_id": run_id,
             "scene_id": values["id"],
@@ -257,43 +136,256 @@ def run_story(
             tags["story"] = story_tag
         if policy:
             tags["policy"] = dict(policy)
-        status, body = client.call("POST", "/prompt", {"prompt": prompt, "extra_data": {"telemetry": tags}})
-        if status != 200:
-            raise RunnerError(f"ComfyUI refused scene {values['id']}: HTTP {status}: {json.dumps(body)[:800]}")
-        pid = str(body["prompt_id"])
-        progress = Progress(out, f"[scene {i + 1}/{n} {values['id']}]", budget)
-        progress.update("queued")
-        while True:
-            rec = wait_final(client, pid, budget, progress)
-            if rec is None:
-                progress.done(f"gave up after {budget:.0f}s (prompt {pid} still pending)")
-                failed.append(values["id"])
-                break
-            if rec.get("Outcome") == "success":
-                markers = ",".join(m.get("State", "?") for m in rec.get("Markers") or []) or "none"
-                progress.done(
-                    f"success in {rec.get('DurationSeconds', 0):.2f}s, attempt {rec.get('Attempt', 1)}, marker {markers}"
-                )
-                break
-            err = (rec.get("Error") or {}).get("Message") or rec.get("Outcome")
-            if rec.get("RetriedBy"):
-                progress.done(f"attempt {rec.get('Attempt', 1)} {rec.get('Outcome')}: {err}; retrying")
-                pid = str(rec["RetriedBy"])
-                progress = Progress(out, f"[scene {i + 1}/{n} {values['id']}]", budget)
-                continue
-            progress.done(f"{rec.get('Outcome')} after {rec.get('Attempt', 1)} attempt(s): {err}")
-            failed.append(values["id"])
-            break
-    status, fin = client.call("POST", f"/telemetry/runs/{urllib.parse.quote(run_id)}/finalize", {}, timeout=120)
-    if status != 200:
-        raise RunnerError(f"finalizing run {run_id} failed: HTTP {status}: {fin}")
-    _, summary = client.call("GET", f"/telemetry/runs/{urllib.parse.quote(run_id)}/run-summary.txt")
-    out.write("\n" + (summary if isinstance(summary, str) else json.dumps(summary)) + "\n")
-    out.write(f"Run folder: {fin['RunDir']}  (valid: {fin['Valid']})\n")
-    for p in fin.get("Problems") or []:
+        label = f"[scene {i + 1}/{n} {values['id']}]"
+        scenes.append(Scene(i, values["id"], fill(workflow, values, {"id": run_id}), tags, label))
+    return scenes
+
+
+def _workers(run: Run, slots: Sequence[Slot]) -> list[dict[str, Any]]:
+    """The contract's ``Workers``: each worker, the attempts queued on it in this invocation, and whether it failed."""
+    counts = Counter(att.slot.url for scene in run.scenes for att in scene.attempts)
+    workers = []
+    for slot in slots:
+        info: dict[str, Any] = {"Url": slot.url, "Attempts": counts[slot.url], "Failed": slot.dead is not None}
+        if slot.dead is not None:
+            info["Reason"] = slot.dead
+        workers.append(info)
+    return workers
+
+
+def _write_journal(out_dir: Path | None, records: Mapping[str, Mapping[str, Any]]) -> None:
+    """Keep the collected records beside the run's files, so ``--resume`` still has a dead worker's attempts."""
+    if out_dir is None or not records:
+        return
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write(out_dir / JOURNAL_FILE, metadata_json({"Records": list(records.values())}))
+    except OSError as exc:
+        raise RunnerError(f"cannot write {JOURNAL_FILE} into --out {out_dir}: {exc}") from None
+
+
+def _read_journal(out_dir: Path | None, run_id: str) -> list[dict[str, Any]]:
+    """The records an earlier run with this ``--out`` kept; [] when there are none or they cannot be read."""
+    if out_dir is None:
+        return []
+    try:
+        data = json.loads((out_dir / JOURNAL_FILE).read_bytes())
+    except (OSError, ValueError):
+        return []
+    items = data.get("Records") if isinstance(data, dict) else None
+    return [r for r in items or [] if isinstance(r, dict) and r.get("RunId") == run_id and r.get("PromptId")]
+
+
+def _resume_hint(run_id: str, servers: Sequence[str], workflow: Path, scenes: Path, out_dir: Path | None) -> str:
+    parts = ["run-telemetry", "run", "--resume", "--run-id", run_id]
+    for s in servers:
+        parts += ["--server", s]
+    parts += ["--workflow", str(workflow), "--scenes", str(scenes)]
+    if out_dir is not None:
+        parts += ["--out", str(out_dir)]
+    return " ".join(parts)
+
+
+async def _run_async(
+    *,
+    servers: Sequence[str],
+    workflow: Path,
+    scenes_path: Path,
+    run_id: str,
+    out: TextIO,
+    max_wait: float | None,
+    policy: Mapping[str, Any] | None,
+    depth: int,
+    grace: float,
+    out_dir: Path | None,
+    resume: bool,
+) -> RunResult:
+    wf = load_workflow(workflow)
+    story = load_story(scenes_path)
+    async with aiohttp.ClientSession() as session:
+        slots = [Slot(Worker(url, session), depth) for url in servers]
+        tels = [await _preflight(slot.worker, out) for slot in slots]
+        run_policy = _policy_from(tels[0], policy)
+        budget = float(max_wait or run_policy.max_wait_seconds or 600)
+        scenes = _build_scenes(story, wf, run_id, policy)
+        records: dict[str, dict[str, Any]] = {}
+        if resume:
+            found = await collect(slots, run_id)
+            by_scene: dict[str, list[tuple[dict[str, Any], Slot | None]]] = {}
+            # What an earlier --out kept (attempts of workers gone since), then what the workers hold now.
+            journal = {r["PromptId"]: (r, None) for r in _read_journal(out_dir, run_id) if r["PromptId"] not in found}
+            for rec, slot in [*journal.values(), *found.values()]:
+                records[rec["PromptId"]] = rec
+                by_scene.setdefault(str(rec.get("SceneId") or rec["PromptId"]), []).append((rec, slot))
+            for scene in scenes:
+                earlier = by_scene.get(scene.id, [])
+                if any(r.get("Outcome") == "success" for r, _ in earlier):
+                    scene.done = scene.success = True
+                    continue
+                pending = [(r, s) for r, s in earlier if r.get("Outcome") in PENDING and s is not None]
+                if pending:
+                    scene.adopt = (pending[-1][0]["PromptId"], pending[-1][1])
+            kept = sum(1 for s in scenes if s.done)
+            out.write(
+                f"Resuming run {run_id}: {len(records)} earlier attempt(s) found, {kept} scene(s) already succeeded, "
+                f"{len(scenes) - kept} to run\n"
+            )
+        else:
+            out.write(f"Run {run_id}: {len(scenes)} scene(s) on {len(slots)} worker(s), depth {depth}\n")
+        progress = Output(out, len(scenes), sum(1 for s in scenes if s.done))
+        run = Run(
+            run_id=run_id,
+            scenes=scenes,
+            slots=slots,
+            policy=run_policy,
+            max_wait=budget,
+            grace=grace,
+            out=progress,
+            records=records,
+        )
+        loop = asyncio.get_running_loop()
+        interrupted = False
+
+        def on_sigint() -> None:
+            nonlocal interrupted
+            interrupted = True
+            run.stop.set()
+
+        try:
+            loop.add_signal_handler(signal.SIGINT, on_sigint)
+            handler_set = True
+        except (NotImplementedError, RuntimeError, ValueError):  # Windows, or not the main thread
+            handler_set = False
+        try:
+            await run.drive()
+        except (KeyboardInterrupt, asyncio.CancelledError):
+            interrupted = True
+        finally:
+            if handler_set:
+                loop.remove_signal_handler(signal.SIGINT)
+            progress.close()
+        if interrupted:
+            n = await run.cancel_pending()
+            await run.settle_cancelled()
+            _write_journal(out_dir, run.records)
+            out.write(
+                f"\nInterrupted: {n} pending prompt(s) of run {run_id} cancelled on the workers.\n"
+                f"Resume with:\n  {_resume_hint(run_id, servers, workflow, scenes_path, out_dir)}\n"
+            )
+            return RunResult(EXIT_INTERRUPTED, run_id, failed_workers=run.failed_workers)
+        failed = [s.id for s in scenes if not s.success]
+        return await _conclude(run, slots, out, out_dir, failed, story)
+
+
+async def _conclude(
+    run: Run, slots: Sequence[Slot], out: TextIO, out_dir: Path | None, failed: list[str], story: Mapping[str, Any]
+) -> RunResult:
+    """Assemble the run from the collected records (``--out``), finalize on a single worker, print the summary."""
+    run_id = run.run_id
+    result = RunResult(1, run_id, failed_scenes=failed, failed_workers=dict(run.failed_workers))
+    for url, reason in run.failed_workers.items():
+        out.write(f"Worker failed: {url}: {reason}\n")
+    summary: str | None = None
+    if out_dir is not None or len(slots) > 1:
+        story_tag = {k: v for k, v in story.items() if k != "scenes"}
+        records = sorted(run.records.values(), key=lambda r: (r.get("QueuedAt") or "", r["PromptId"]))
+        meta = assemble_run(
+            run_id,
+            records,
+            policy=run.policy,
+            output_dir=out_dir or Path("."),
+            run_info={"Story": story_tag} if story_tag else {},
+        )
+        meta["Workers"] = _workers(run, slots)
+        summary = render_summary(meta)
+        if out_dir is not None:
+            _write_journal(out_dir, run.records)
+            meta["RunDir"] = str(out_dir.resolve())
+            summary = render_summary(meta)
+            try:
+                report = await asyncio.to_thread(finalize_files, out_dir, meta, summary)
+            except OSError as exc:
+                raise RunnerError(f"cannot write the run into --out {out_dir}: {exc}") from None
+            result.run_dir, result.valid, result.problems = str(out_dir), report.valid, list(report.errors)
+    if len(slots) == 1 and slots[0].dead is None:
+        worker = slots[0].worker
+        quoted = urllib.parse.quote(run_id, safe="")
+        try:
+            status, fin = await worker.call("POST", f"/telemetry/runs/{quoted}/finalize", {}, timeout=300)
+            if status != 200:
+                raise RunnerError(f"finalizing run {run_id} on {worker.base} failed: HTTP {status}: {fin}")
+            _, text = await worker.call("GET", f"/telemetry/runs/{quoted}/run-summary.txt")
+        except ServerUnreachable as exc:
+            raise RunnerError(f"finalizing run {run_id}: {exc}") from None
+        if out_dir is None:
+            summary = text if isinstance(text, str) else json.dumps(text)
+            result.run_dir, result.valid = fin["RunDir"], bool(fin.get("Valid"))
+            result.problems = list(fin.get("Errors") or fin.get("Problems") or [])
+        else:
+            out.write(f"Also finalized on {worker.base}: {fin['RunDir']} (valid: {fin.get('Valid')})\n")
+    result.summary = summary
+    if summary:
+        out.write("\n" + summary + ("" if summary.endswith("\n") else "\n"))
+    if result.run_dir:
+        out.write(f"Run folder: {result.run_dir}  (valid: {result.valid})\n")
+    for p in result.problems:
         out.write(f"  problem: {p}\n")
-    code = 0 if not failed and fin.get("Valid") else 1
-    return RunResult(code, run_id, fin["RunDir"], failed, summary if isinstance(summary, str) else None)
+    result.exit_code = 0 if not failed and result.valid is not False else 1
+    return result
+
+
+def run_story(
+    *,
+    server: str | Sequence[str],
+    workflow: Path,
+    scenes: Path,
+    run_id: str | None = None,
+    out: TextIO = sys.stdout,
+    max_wait: float | None = None,
+    policy: Mapping[str, Any] | None = None,
+    depth: int = DEFAULT_DEPTH,
+    worker_grace: float = DEFAULT_WORKER_GRACE,
+    out_dir: Path | None = None,
+    resume: bool = False,
+) -> RunResult:
+    """Run every scene of a story on the workers in ``server`` (a URL or several), assemble and print the run.
+
+    Raises :class:`RunnerError` for input the user can fix (files, run id, an unreachable worker at the start).
+    """
+    servers = [server] if isinstance(server, str) else list(server)
+    if not servers:
+        raise RunnerError("give at least one --server URL")
+    try:
+        servers = [check_server_url(s) for s in servers]
+    except ValueError as exc:
+        raise RunnerError(str(exc)) from None
+    if len(set(servers)) != len(servers):
+        raise RunnerError("a --server is given twice; give each worker once")
+    if resume and not run_id:
+        raise RunnerError("--resume needs the --run-id of the run to continue")
+    if depth < 1:
+        raise RunnerError(f"--depth {depth} must be at least 1 (prompts of this run queued per worker)")
+    run_id = run_id or f"run-{time.strftime('%Y%m%d-%H%M%S')}"
+    problem = run_id_problem(run_id, name="--run-id")
+    if problem:
+        raise RunnerError(problem)
+    if out_dir is not None and out_dir.exists() and not out_dir.is_dir():
+        raise RunnerError(f"--out {out_dir} is a file; give a folder for the run's files")
+    return asyncio.run(
+        _run_async(
+            servers=servers,
+            workflow=Path(workflow),
+            scenes_path=Path(scenes),
+            run_id=run_id,
+            out=out,
+            max_wait=max_wait,
+            policy=policy,
+            depth=depth,
+            grace=worker_grace,
+            out_dir=Path(out_dir) if out_dir is not None else None,
+            resume=resume,
+        )
+    )
 
 
 def _handle(args: argparse.Namespace) -> int:
@@ -304,10 +396,17 @@ def _handle(args: argparse.Namespace) -> int:
             scenes=Path(args.scenes),
             run_id=args.run_id,
             max_wait=args.max_wait,
+            depth=args.depth,
+            worker_grace=args.worker_grace,
+            out_dir=Path(args.out) if args.out else None,
+            resume=args.resume,
         )
     except RunnerError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print("interrupted before the run started; nothing was queued", file=sys.stderr)
+        return EXIT_INTERRUPTED
     if result.failed_scenes:
         print(f"failed scenes: {', '.join(result.failed_scenes)}", file=sys.stderr)
     return result.exit_code
@@ -315,10 +414,37 @@ def _handle(args: argparse.Namespace) -> int:
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     """Add the ``run`` sub-command."""
-    p = subparsers.add_parser("run", help="run a story's scenes through ComfyUI and finalize the run")
-    p.add_argument("--server", required=True, help="ComfyUI base URL, e.g. http://127.0.0.1:8188")
+    p = subparsers.add_parser(
+        "run",
+        help="run a story's scenes on one or several ComfyUI workers and assemble the run",
+        description=(
+            "Queue a story's scenes on the workers (least-loaded first, --depth prompts each), follow every attempt, "
+            "assemble artifact-metadata.json and run-summary.txt. Exit 0 all scenes succeeded and the run is valid, "
+            "1 otherwise, 2 bad input or no worker reachable, 130 interrupted (Ctrl-C; prints how to resume)."
+        ),
+    )
+    p.add_argument(
+        "--server",
+        required=True,
+        action="append",
+        help="ComfyUI base URL, e.g. http://127.0.0.1:8188; repeat for several workers",
+    )
     p.add_argument("--workflow", required=True, help="API-format workflow with {{scene.…}} placeholders")
     p.add_argument("--scenes", required=True, help="story JSON with a 'scenes' list")
-    p.add_argument("--run-id", help="run id (letters, digits, . _ -); default run-<UTC time>")
-    p.add_argument("--max-wait", type=float, help="seconds to wait per scene (default: the server's policy)")
+    p.add_argument("--run-id", help="run id (letters, digits, . _ -); default run-<local time>")
+    p.add_argument("--max-wait", type=float, help="seconds to wait per attempt (default: the server's policy)")
+    p.add_argument("--out", help="write the run's artifact-metadata.json and run-summary.txt here (all workers)")
+    p.add_argument("--resume", action="store_true", help="continue --run-id: run only the scenes not yet succeeded")
+    p.add_argument(
+        "--depth",
+        type=int,
+        default=DEFAULT_DEPTH,
+        help=f"prompts of this run queued or running per worker (default {DEFAULT_DEPTH})",
+    )
+    p.add_argument(
+        "--worker-grace",
+        type=float,
+        default=DEFAULT_WORKER_GRACE,
+        help=f"seconds without an answer before a worker counts as failed (default {DEFAULT_WORKER_GRACE:.0f})",
+    )
     p.set_defaults(func=_handle)

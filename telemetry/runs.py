@@ -38,6 +38,7 @@ from .models import LLMHealthInfo, Story
 from .paths import resolve_under
 from .policy import QueuePolicy
 from .records import FINAL_OUTCOMES, PromptRecord
+from .summary import frame_floor_warning
 from .validate import ValidationReport, fast_check, validate_written_run
 
 METADATA_FILE = "artifact-metadata.json"
@@ -238,6 +239,8 @@ def _assemble_scene(scene_id: str, attempts: Sequence[RawRecord], ctx: _Context)
         warnings = list(dict.fromkeys(last.get("FallbackNotes") or ()))
     else:
         warnings = list(dict.fromkeys(n for r in attempts for n in r.get("FallbackNotes") or ()))
+    if frames is not None and floor is not None and frames < floor:
+        warnings.append(frame_floor_warning(frames, floor))  # the same words as the summary's WARNING line
     # Scene's fields in the model's order; None fields left out.
     scene: dict[str, Any] = {"SceneId": scene_id}
     for key, tag in (("Title", "title"), ("Prompt", "prompt"), ("NegativePrompt", "negative_prompt")):
@@ -326,6 +329,29 @@ def assemble_run(
     meta["Scenes"] = scenes
     meta["Generator"] = f"run-telemetry {__version__}"
     return meta
+
+
+def foreign_scenes(existing: bytes | None, meta: Mapping[str, Any]) -> dict[str, list[str]]:
+    """Scenes of an ``artifact-metadata.json`` already written (its bytes, ``existing``) that ``meta`` would drop:
+    scene id -> the prompt ids of its attempts that ``meta`` does not hold (another worker's, on a shared output
+    folder). Empty when there is no such file, it does not parse, or everything in it is in ``meta``.
+    """
+    if existing is None:
+        return {}
+    try:
+        data = json.loads(existing)
+    except ValueError:
+        return {}
+    ours = {a.get("PromptId") for s in meta.get("Scenes") or () for a in s.get("AttemptSummaries") or ()}
+    found: dict[str, list[str]] = {}
+    for scene in data.get("Scenes") or () if isinstance(data, dict) else ():
+        if not isinstance(scene, dict):
+            continue
+        ids = [a.get("PromptId") for a in scene.get("AttemptSummaries") or () if isinstance(a, dict)]
+        missing = [str(i) for i in ids if i and i not in ours]
+        if missing:
+            found[str(scene.get("SceneId"))] = missing
+    return found
 
 
 def metadata_json(meta: Mapping[str, Any]) -> bytes:

@@ -818,7 +818,7 @@ class Store:
                 "RunId": r[0],
                 "Scenes": r[1],
                 "Prompts": r[2],
-                "LastActivity": r[3],
+                "LastActivity": iso(r[3]) if isinstance(r[3], int | float) else r[3],
                 "Succeeded": r[4],
                 "Failed": r[5],
                 "Pending": r[6],

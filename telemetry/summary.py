@@ -41,6 +41,7 @@ __all__ = [
     "ParsedSummary",
     "TelemetryLine",
     "format_number",
+    "frame_floor_warning",
     "iso_clock",
     "one_line",
     "parse_summary",
@@ -54,6 +55,10 @@ _TIME_PREFIX = re.compile(r"^\[(\d{2}:\d{2}:\d{2})\] ")
 _TELEMETRY = re.compile(r"^\[Scene (?P<id>.+?)\] Telemetry: (?P<body>.*)$")
 _FRAME_FLOOR = re.compile(r"^\[Scene (?P<id>.+?)\] WARNING: Frame count below floor\b")
 _HISTORY = re.compile(r"^\[Scene (?P<id>.+?)\] HISTORY (?:WARNING|ERROR)\b")
+_ATTEMPT = re.compile(
+    r"^\[Scene (?P<id>.+?)\]\[Attempt (?P<n>\d+)\] Frames=(?P<frames>\S*) Duration=(?P<duration>\S*?)s?(?: |$)"
+)
+_ATTEMPT_TEXT = "][Attempt "
 _QUEUE_POLICY = "Queue policy: "
 _TIME_PREFIX_LENGTH = len("[HH:MM:SS] ")
 # The prefix and fixed text each scene pattern needs: cheap tests before the regular expressions.
@@ -273,6 +278,11 @@ def _attempt_line(label: str, number: int, frames: int | None, duration: float |
     )
 
 
+def frame_floor_warning(frame_count: int, floor: int) -> str:
+    """The frame-floor warning, as the summary prints it after ``WARNING:`` and ``Scenes[].Warnings`` carries it."""
+    return f"Frame count below floor (FrameCount={frame_count}, FrameFloor={floor})"
+
+
 def _scene_lines(scene: Any, run_time: str | None, out: list[str]) -> None:
     """Append the scene's timed lines to ``out``."""
     label = _scene_label(scene)
@@ -318,9 +328,7 @@ def _scene_lines(scene: Any, run_time: str | None, out: list[str]) -> None:
     out.append(f"[{scene_time}] {t.line}")
     floor = _optional_count(get("FrameFloor"), "FrameFloor")
     if frame_count is not None and floor is not None and frame_count < floor:
-        out.append(
-            f"[{scene_time}] {label} WARNING: Frame count below floor (FrameCount={frame_count}, FrameFloor={floor})"
-        )
+        out.append(f"[{scene_time}] {label} WARNING: {frame_floor_warning(frame_count, floor)}")
     if _optional_flag(get("HistoryRetrieved"), "HistoryRetrieved") is False:
         level = "ERROR" if _optional_flag(get("Success"), "Success") is False else "WARNING"
         detail = f"history not retrieved (HistoryExitReason={t.reason}, HistoryAttempts={t.attempts})"
@@ -349,6 +357,12 @@ def _render(run: ArtifactMetadata, scenes: list[Any]) -> str:
     llm = _llm_line(run)
     if llm is not None:
         lines.append(f"[{header_time}] {llm}")
+    for worker in run.workers or ():
+        if worker.failed:
+            lines.append(
+                f"[{header_time}] Worker failed: {one_line(worker.url)} ({one_line(worker.reason or 'no reason given')}); "
+                f"its unfinished scenes were queued on the other workers"
+            )
     for scene in scenes:
         _scene_lines(scene, run.timestamp, lines)
     return "\n".join(lines) + "\n"
@@ -391,10 +405,12 @@ class TelemetryLine:
     notes: list[str]
 
     def has_note(self, note: str) -> bool:
-        """Whether ``note`` (as rendered on one line) is among this line's notes."""
+        """Whether ``note`` (as rendered on one line) is on this line: among its notes, or anywhere in its text.
+
+        Older helpers labelled notes (``| fallback=<note>``); a note counts as present when its text is on the line.
+        """
         rendered = one_line(note)
-        # Compare against the raw text too: a note may itself contain the separator.
-        return rendered in self.notes or f"{NOTE_SEPARATOR}{rendered}{NOTE_SEPARATOR}" in self.text + NOTE_SEPARATOR
+        return rendered in self.notes or rendered in self.text
 
 
 @dataclass
@@ -407,6 +423,8 @@ class ParsedSummary:
     telemetry: dict[str, TelemetryLine] = field(default_factory=dict)
     frame_floor_warnings: set[str] = field(default_factory=set)
     history_warnings: set[str] = field(default_factory=set)
+    # (scene id, attempt number) -> (Frames text, Duration text without the unit), from the per-attempt lines.
+    attempts: dict[tuple[str, int], tuple[str, str]] = field(default_factory=dict)
 
 
 def _split_pairs(text: str, separator: str) -> dict[str, str]:
@@ -438,6 +456,8 @@ def parse_summary(text: str) -> ParsedSummary:
         elif not content.startswith(_SCENE_PREFIX):
             continue
         # Each pattern is only tried on a line holding its fixed text (most scene lines are attempt lines).
+        elif _ATTEMPT_TEXT in content and (match := _ATTEMPT.match(content)):
+            parsed.attempts[(match["id"], int(match["n"]))] = (match["frames"], match["duration"])
         elif _TELEMETRY_TEXT in content and (match := _TELEMETRY.match(content)):
             body = match["body"]
             head, _, tail = body.partition(NOTE_SEPARATOR)

@@ -356,6 +356,30 @@ def _check_scene_summary(found: _Findings, index: int, scene: Any, summary: Pars
             "run-summary.txt has no 'WARNING: Frame count below floor' line although "
             f"FrameCount={count} < FrameFloor={floor}"
         )
+    summaries = scene.get("AttemptSummaries")
+    for position, attempt in enumerate(summaries if isinstance(summaries, list) else []):
+        if not isinstance(attempt, dict):
+            continue
+        number = attempt.get("Attempt")
+        number = number if isinstance(number, int) and not isinstance(number, bool) else position + 1
+        shown = summary.attempts.get((scene_id, number))
+        if shown is None:
+            add(f"run-summary.txt has no '[Scene {scene_id}][Attempt {number}]' line (AttemptSummaries[{position}])")
+            continue
+        frames_text, duration_text = shown
+        frames = attempt.get("FrameCount")
+        if is_number(frames) and frames_text != str(frames):
+            add(
+                f"run-summary.txt [Attempt {number}] Frames={frames_text} does not match "
+                f"AttemptSummaries[{position}].FrameCount={frames}"
+            )
+        duration = attempt.get("DurationSeconds")
+        number_shown = _summary_number(duration_text)
+        if is_number(duration) and (number_shown is None or abs(number_shown - float(duration)) > _DURATION_TOLERANCE):
+            add(
+                f"run-summary.txt [Attempt {number}] Duration={duration_text}s does not match "
+                f"AttemptSummaries[{position}].DurationSeconds={duration} to one decimal"
+            )
     if scene.get("HistoryRetrieved") is False and scene_id not in summary.history_warnings:
         add("run-summary.txt has no 'HISTORY WARNING' or 'HISTORY ERROR' line although HistoryRetrieved is false")
 
@@ -430,6 +454,12 @@ def _failed_checks(metadata: Any, summary_text: str, *, schema: bool) -> list[st
         config = metadata.get("QueueConfig")
         what = "is missing" if config is None else f"must be an object, found {_describe(config)}"
         found.add(f"{METADATA_FILE}: QueueConfig {what}", None, ("QueueConfig",))
+    run_id = metadata.get("RunId")
+    if not isinstance(run_id, str) or not run_id.strip():
+        what = "is missing" if run_id is None else f"must be non-blank text, found {_describe(run_id)}"
+        found.add(f"{METADATA_FILE}: RunId {what}", None, ("RunId",))
+    if isinstance(metadata.get("Scenes"), list) and not scenes:
+        found.add(f"{METADATA_FILE}: Scenes is empty: a run has at least one scene", None, ("Scenes",))
     for index, scene in enumerate(scenes):
         _check_scene(found, index, scene)
 

@@ -616,7 +616,7 @@ class Panel {
         h("span", { class: "rt-nw" }, `${run.Prompts ?? 0} prompt${run.Prompts === 1 ? "" : "s"}`),
         run.Failed ? h("span", { class: "rt-taken rt-nw" }, `${run.Failed} failed`) : null,
         run.Pending ? h("span", { class: "rt-nw" }, `${run.Pending} pending`) : null,
-        isNum(run.LastActivity) ? h("span", { class: "rt-nw" }, fmtAgo(run.LastActivity)) : null,
+        run.LastActivity ? h("span", { class: "rt-nw" }, fmtAgo(run.LastActivity)) : null,
         run.Finalized ? h("span", { class: "rt-final rt-nw" }, "\u2713 finalized") : null,
       ),
       open ? this.runBody(run, units) : null,

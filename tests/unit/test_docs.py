@@ -49,3 +49,14 @@ def test_requirements_match_pyproject_and_no_duplicate_web() -> None:
 def test_changelog_names_the_current_version() -> None:
     version = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["version"]
     assert f"[{version}]" in (REPO / "CHANGELOG.md").read_text()
+
+
+def test_every_core_subpackage_and_schema_is_installed() -> None:
+    """pip installs telemetry/ as run_telemetry: each of its sub-packages must be listed, and its schemas shipped."""
+    setup = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
+    assert setup["package-dir"] == {"run_telemetry": "telemetry"}
+    core = REPO / "telemetry"
+    found = {".".join(("run_telemetry", *p.parent.relative_to(core).parts)) for p in core.rglob("__init__.py")}
+    assert found == set(setup["packages"])
+    data = setup["package-data"]["run_telemetry"]
+    assert all(p.relative_to(core).match(pattern) for p in (core / "schemas").iterdir() for pattern in data)

@@ -152,3 +152,30 @@ async def test_cached_final_body_never_hides_a_rerun_of_the_same_id(aiohttp_clie
     assert await asyncio.to_thread(runtime.flush, 10)
     final = await (await client.get(f"/telemetry/prompts/{pid}")).json()
     assert final["Outcome"] == "error"
+
+
+async def test_finalize_right_after_the_wait_finds_the_final_record(
+    aiohttp_client: Any, runtime: Any, history: dict, tmp_path: Path
+) -> None:
+    """The store thread lags behind the wait route: a finalize right after the last wait still has the record."""
+    routes = web.RouteTableDef()
+    sub("server_routes").add_routes(routes, runtime)
+    app = web.Application()
+    app.add_routes(routes)
+    client = await aiohttp_client(app)
+    entry = json.loads(json.dumps(history["p1"]))
+    extra = entry["prompt"][3]
+    extra["telemetry"] = {"run_id": "lagging-store", "scene_id": "1"}
+    held = __import__("threading").Event()
+    runtime.store_writer.submit(lambda: held.wait(30))  # the store's thread is busy (a slow disk, a lock)
+    _, pid, prompt, _, _ = entry["prompt"][:5]
+    runtime.recorder.started(pid, prompt, extra)
+    runtime.recorder.ended(pid, entry["status"]["messages"], {"outputs": entry["outputs"]})
+    assert runtime.writer.flush(10)
+    resp = await client.get(f"/telemetry/prompts/{pid}/wait?timeout=5")
+    assert resp.status == 200 and (await resp.json())["Outcome"] == "success"
+    asyncio.get_running_loop().call_later(0.3, held.set)  # the store catches up a moment later
+    resp = await client.post("/telemetry/runs/lagging-store/finalize")
+    body = await resp.json()
+    assert resp.status == 200, body
+    assert body["Scenes"] == 1 and body["Valid"] is True, body

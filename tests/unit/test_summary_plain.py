@@ -186,6 +186,9 @@ def test_iso_clock_agrees_with_parse_iso8601(text: str) -> None:
 # --- parsing: the same result as the regular-expression-only parser it replaced -----------------------------------
 
 _TIME = re.compile(r"^\[(\d{2}:\d{2}:\d{2})\] ")
+_ATTEMPT = re.compile(
+    r"^\[Scene (?P<id>.+?)\]\[Attempt (?P<n>\d+)\] Frames=(?P<frames>\S*) Duration=(?P<duration>\S*?)s?(?: |$)"
+)
 _TEL = re.compile(r"^\[Scene (?P<id>.+?)\] Telemetry: (?P<body>.*)$")
 _FLOOR = re.compile(r"^\[Scene (?P<id>.+?)\] WARNING: Frame count below floor\b")
 _HIST = re.compile(r"^\[Scene (?P<id>.+?)\] HISTORY (?:WARNING|ERROR)\b")
@@ -210,6 +213,8 @@ def reference_parse(text: str) -> ParsedSummary:
         parsed.lines.append(content)
         if content.startswith("Queue policy: "):
             parsed.queue_policy = pairs(content[len("Queue policy: ") :], ",")
+        elif match := _ATTEMPT.match(content):
+            parsed.attempts[(match["id"], int(match["n"]))] = (match["frames"], match["duration"])
         elif match := _TEL.match(content):
             body = match["body"]
             head, _, tail = body.partition(NOTE_SEPARATOR)
