@@ -116,14 +116,19 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
             )
         return run_id
 
-    def assemble(run_id: str, llm: dict[str, Any] | None = None) -> dict[str, Any] | None:
-        # The wait route answers before the store's thread has the final row: a client that finalizes right after
-        # its last wait (run-telemetry run does) must find every record it was answered with. Bounded.
+    def settled(what: str) -> None:
+        """The wait route answers before the store's thread has the final row: a client that reads or finalizes a
+        run right after its last wait must find every record it was answered with. Bounded."""
         store_writer = getattr(rt, "store_writer", None)
         if store_writer is not None and not store_writer.flush(STORE_FLUSH_SECONDS):
-            logger.warning(
-                "Run Telemetry: run %s assembled before the store caught up (%.0f s)", run_id, STORE_FLUSH_SECONDS
-            )
+            logger.warning("Run Telemetry: %s read before the store caught up (%.0f s)", what, STORE_FLUSH_SECONDS)
+
+    def runs_now() -> list[dict[str, Any]]:
+        settled("the run list")
+        return rt.store.runs()
+
+    def assemble(run_id: str, llm: dict[str, Any] | None = None) -> dict[str, Any] | None:
+        settled(f"run {run_id}")
         records = rt.store.by_run_raw(run_id)
         if not records:
             return None
@@ -143,7 +148,7 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
     @routes.get("/telemetry/runs")
     async def telemetry_runs(request: web.Request) -> web.Response:
         """Every run: scene and prompt counts, status (by each scene's last attempt), last activity."""
-        rows = await asyncio.to_thread(rt.store.runs)
+        rows = await asyncio.to_thread(runs_now)
         out = rt.output_dir()
         for row in rows:
             row["Status"] = run_status(row)
