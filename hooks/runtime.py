@@ -142,6 +142,7 @@ class Runtime:
             output_dir=output_dir,
             store_dir=self.data_dir,
             snapshot=_cached(snapshot, 5.0),
+            comfyui=lambda: (self.comfyui_version, dict(self.hooks)),
         )
         # Health state changes: callables (previous report or None, report); webhooks send health.changed from here.
         self.health_listeners = self.health.listeners

@@ -108,6 +108,7 @@ class HealthMonitor:
         output_dir: Callable[[], Path] | None = None,
         store_dir: Path | None = None,
         snapshot: Callable[[], Mapping[str, Any]] | None = None,
+        comfyui: Callable[[], tuple[str | None, Mapping[str, str]]] | None = None,
         clock: Callable[[], float] = time.time,
         monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -120,6 +121,7 @@ class HealthMonitor:
         self._output_dir = output_dir
         self._store_dir = store_dir
         self._snapshot = snapshot
+        self._comfyui = comfyui
         self._clock = clock
         self._mono = monotonic
         self._lock = threading.Lock()
@@ -223,6 +225,17 @@ class HealthMonitor:
             return "degraded", "no probe answered", None
         return "ok", f"answered by {source}", None
 
+    def _check_hooks(self) -> tuple[Status, str, float | None]:
+        """How the package is wired into this ComfyUI: degraded when a hook point could not be installed."""
+        if self._comfyui is None:
+            return "ok", "not checked", None
+        version, hooks = self._comfyui()
+        where = f"ComfyUI {version or '(version unknown)'}"
+        degraded = [f"{name}: {how}" for name, how in hooks.items() if how.startswith(("degraded", "not installed"))]
+        if degraded:
+            return "degraded", f"{where}: {'; '.join(degraded)}", None
+        return "ok", f"{where}: {len(hooks)} hook points wired", None
+
     # --- report ---
 
     def evaluate(self, max_age: float = 0.0) -> dict[str, Any]:
@@ -243,6 +256,7 @@ class HealthMonitor:
                 ("output_folder", self._check_output),
                 ("free_disk", self._check_disk),
                 ("probe_chain", self._check_probe),
+                ("comfyui_hooks", self._check_hooks),
             ):
                 try:
                     status, detail, since = fn()

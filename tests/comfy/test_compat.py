@@ -121,6 +121,8 @@ def test_status_names_comfyui_version_and_how_each_hook_is_wired(comfy: ComfySer
     # ComfyUI's own create_time (0.3.6x on) is the official source of the queued time; 0.3.52 has none.
     has_create_time = "create_time" in (comfy.install.dir / "server.py").read_text()
     assert hooks["queued time"].startswith("ComfyUI's") == has_create_time, hooks["queued time"]
+    check = next(c for c in comfy.get("/telemetry/health")["Checks"] if c["Name"] == "comfyui_hooks")
+    assert check["Status"] == "ok" and f"ComfyUI {comfy.install.version}" in check["Detail"], check
 
 
 PATCHER = """
@@ -157,6 +159,11 @@ def test_a_hook_that_degrades_is_listed_with_the_comfyui_version(tmp_path: Path)
         assert body["ComfyUI"]["Hooks"]["node timings"] == "wraps execution.execute"
         notes = [n for n in body["FallbackNotes"] if n.startswith("prompt executor not installed")]
         assert notes and f"on ComfyUI {version}" in notes[0], body["FallbackNotes"]
+        status, health = server.request("GET", "/telemetry/health")
+        check = next(c for c in health["Checks"] if c["Name"] == "comfyui_hooks")
+        assert status == 200 and health["Status"] == "degraded", health
+        assert check["Status"] == "degraded" and f"ComfyUI {version}" in check["Detail"], check
+        assert "prompt executor: degraded: LookupError" in check["Detail"], check
         pid = server.queue(wf.frames(f"degraded-{uuid.uuid4().hex[:6]}", marker=False))
         assert server.wait_history(pid, timeout=60)["status"]["status_str"] == "success"
     finally:
