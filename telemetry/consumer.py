@@ -904,6 +904,14 @@ def select_outputs(base: Path, *, since: datetime | None, frames: int | None) ->
     candidates = _stat_candidates(find_candidates(base))
     left_out: list[tuple[Path, str]] = []
     warnings: list[str] = []
+    links = _linked_candidates(base)
+    for link in links:
+        left_out.append((link, "a symlink: only regular files are listed (a marker never vouches for a link's target)"))
+    if links:
+        warnings.append(
+            f"{len(links)} matching symlink(s) left out ({', '.join(p.name for p in links[:5])}"
+            f"{', …' if len(links) > 5 else ''}); copy the frames they point to under their own names to list them"
+        )
     kept = candidates
     if since is not None:
         since_ns = int(since.timestamp() * 1_000_000) * 1000
@@ -934,6 +942,22 @@ def select_outputs(base: Path, *, since: datetime | None, frames: int | None) ->
             )
     listed = sorted(candidate.path for candidate in kept)
     return OutputSelection(listed, sorted(left_out), warnings)
+
+
+def _linked_candidates(base: Path) -> list[Path]:
+    """Symlinks beside ``base`` whose names would make them candidates (left out of :func:`find_candidates`)."""
+    found: list[Path] = []
+    try:
+        entries = list(os.scandir(base.parent))
+    except OSError:
+        return found
+    for entry in entries:
+        name = entry.name
+        if not name.startswith(base.name) or name.endswith(MARKER_SUFFIXES) or is_temp_name(name):
+            continue
+        if entry.is_symlink():
+            found.append(Path(entry.path))
+    return sorted(found)
 
 
 def _list_outputs(output_dir: Path, base: Path, paths: list[Path]) -> list[dict[str, str]]:

@@ -714,3 +714,20 @@ def test_a_same_stamp_rewrite_by_the_awaited_prompt_is_seen(output: Path, start_
     code, report, _ = waiter.finish()
     assert code == 0, report
     assert report["Marker"]["PromptId"] == "prompt-B"
+
+
+def test_write_marker_names_the_symlinks_it_leaves_out(tmp_path: Path) -> None:
+    """A hold frame made as a symlink to the previous one is not listed (only regular files are), and the output says
+    so with a warning and a LeftOut entry. (Before: left out silently; FrameCount one short with nothing said.)"""
+    out = tmp_path / "output"
+    (out / "shot").mkdir(parents=True)
+    (out / "shot" / "frame_00001_.png").write_bytes(b"one")
+    (out / "shot" / "frame_00002_.png").symlink_to("frame_00001_.png")
+    report = write_marker(out, "--prefix", "shot/frame")
+    assert [o["Filename"] for o in json.loads((out / "shot" / "frame.done").read_text())["Outputs"]] == [
+        "frame_00001_.png"
+    ]
+    assert any(
+        "frame_00002_.png" in json.dumps(entry) and "symlink" in json.dumps(entry) for entry in report["LeftOut"]
+    )
+    assert any("symlink" in w and "frame_00002_.png" in w for w in report["Warnings"]), report
