@@ -437,12 +437,13 @@ def _write_files(folder: Path, metadata: bytes, summary: bytes, dir_fd: int | No
 
 
 def is_finalized(output_dir: Path, run_id: str) -> bool:
-    """Whether the run's ``artifact-metadata.json`` is a regular file inside the output folder (links not followed)."""
+    """Whether the run's ``artifact-metadata.json`` is a regular file of one name inside the output folder (links not
+    followed, hard links not taken: the file routes refuse them)."""
     folder = run_dir(output_dir, run_id)
     try:
         root, parts = resolve_under(output_dir, folder.relative_to(output_dir).parts)
-        with open_file_under(root, Path(*parts, METADATA_FILE)):
-            return True
+        with open_file_under(root, Path(*parts, METADATA_FILE)) as handle:
+            return os.fstat(handle.fileno()).st_nlink == 1  # finalize writes one name; a hard link is not served
     except (OSError, ValueError):
         return False
 

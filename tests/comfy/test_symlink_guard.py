@@ -227,6 +227,10 @@ def test_a_hardlinked_run_file_is_not_served_and_finalize_leaves_its_other_name_
     summary = Path(body["SummaryPath"])
     summary.unlink()
     os.link(secret, summary)
+    metadata = Path(body["MetadataPath"])
+    os.link(metadata, comfy.output_dir.parent / f"meta-{run_id}.json")  # a second name for the metadata too
+    (row,) = [r for r in comfy.get("/telemetry/runs")["Runs"] if r["RunId"] == run_id]
+    assert row["Finalized"] is False, row  # the list agrees with the file routes
     status, served = comfy.request("GET", f"/telemetry/runs/{run_id}/run-summary.txt")
     assert status == 403, (status, served)
     assert "outside secret" not in json.dumps(served) and "hard link" in served["error"], served
