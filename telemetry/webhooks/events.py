@@ -99,7 +99,8 @@ class RunFinalizedData(_Model):
     MetadataPath: str
     SummaryPath: str
     Valid: bool
-    Problems: list[str] = Field(default_factory=list)
+    Errors: list[str] = Field(default_factory=list)
+    Problems: list[str] = Field(default_factory=list, description="Deprecated alias of Errors.")
     Scenes: int = Field(ge=0)
 
 
