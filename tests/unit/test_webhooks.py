@@ -424,7 +424,11 @@ async def test_adapter_and_route_on_a_bare_app(aiohttp_client: Any, receiver: Re
         text = await resp.text()
         assert SECRET not in text and "run-key-5d1e" not in text
         status = json.loads(text)
-        wait_until(lambda: rt.webhooks.status()["Delivered"] == 2, 20, what="both delivered")
+        wait_until(
+            lambda: rt.webhooks.status()["Delivered"] == 2 and rt.webhooks.status()["Pending"] == 0,
+            20,
+            what="both delivered and none pending",
+        )
         summary = json.loads(await (await client.get("/telemetry")).text())["Webhooks"]
         assert summary == {"Delivered": 2, "Pending": 0, "GivenUp": 0, "Failing": []}
         assert [e["Source"] for e in status["Config"]["Endpoints"]] == ["environment"]
