@@ -61,8 +61,16 @@ def test_markers_and_run_files_are_not_counted_as_outputs_with_assets_on(assets_
     assert status == 200 and fin["Valid"], fin
 
     # Core's scan of the output folder picks up everything, the package's own files included.
-    status, _ = server.request("POST", "/api/assets/seed", {})
-    assert status in (200, 202)
+    # A scan ComfyUI started itself may still run: it answers 409 "already_running" until it ends, so ask again
+    # until one scan starts after our files exist (one started before them could miss them).
+    seeded: list[int] = []
+
+    def seed_started() -> bool:
+        status, _ = server.request("POST", "/api/assets/seed", {})
+        seeded.append(status)
+        return status in (200, 202)
+
+    wait_until(seed_started, 120, what=f"core to start an asset scan (answers so far: {seeded[-5:]})", interval=0.5)
     ours = {"frame.done", "artifact-metadata.json", "run-summary.txt"}
 
     def indexed() -> bool:

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import re
+import uuid
 
 import pytest
 
 from harness.comfy import ComfyServer
+from tests.comfy import workflows as wf
 from tests.conftest import PACKAGE_FOLDER, make_server
 
 pytestmark = pytest.mark.comfy
@@ -82,8 +84,9 @@ def test_web_extension_is_served(comfy: ComfyServer) -> None:
     assert any("registerExtension" in t for t in texts)
 
 
-def test_wiring_failure_degrades_and_comfyui_still_starts(tmp_path) -> None:
-    """A store path that cannot be created: the package logs, its nodes still load, ComfyUI starts."""
+def test_unusable_store_folder_degrades_loudly_and_comfyui_still_starts(tmp_path) -> None:
+    """A store path that cannot be created: ComfyUI starts, the nodes load, the package runs on an in-memory store and
+    says so (log, ``GET /telemetry``, health), and markers are still written."""
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the telemetry folder should be")
     server = make_server(env={"RUN_TELEMETRY_DIR": str(blocker / "telemetry")})
@@ -91,10 +94,19 @@ def test_wiring_failure_degrades_and_comfyui_still_starts(tmp_path) -> None:
         server.start()
         log = server.log_text()
         assert not [ln for ln in log.splitlines() if "IMPORT FAILED" in ln and PACKAGE_FOLDER in ln]
-        assert "Run Telemetry: wiring into ComfyUI failed" in log
         info = server.get("/object_info")
         assert "WriteDoneMarker" in info and "TelemetryCapture" in info
         status, _ = server.request("GET", "/system_stats")
         assert status == 200
+        store = server.get("/telemetry")["Store"]
+        assert store["Ok"] is False and store["Mode"] == "memory", store
+        assert "Run Telemetry" in log and str(blocker) in log
+        code, health = server.request("GET", "/telemetry/health")
+        assert code == 200 and health["Status"] == "degraded", health
+        prefix = f"memstore-{uuid.uuid4().hex[:6]}/frame"
+        pid = server.queue(wf.frames(prefix, count=1))
+        code, rec = server.request("GET", f"/telemetry/prompts/{pid}/wait?timeout=60", timeout=70)
+        assert code == 200 and rec["Outcome"] == "success", rec
+        assert (server.output_dir / f"{prefix}.done").is_file()
     finally:
         server.stop()
