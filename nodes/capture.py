@@ -4,7 +4,6 @@ from __future__ import annotations
 
 from typing import Any
 
-from ..telemetry.runs import run_id_problem
 from .common import ANY, CATEGORY, first, get_runtime, id_problem, items
 
 
@@ -77,7 +76,7 @@ class TelemetryCapture:
         for name, value in (("run_id", first(run_id)), ("scene_id", first(scene_id))):
             if value is None or (isinstance(value, str) and not value.strip()):
                 continue  # empty: not tagged; None: linked, known only at run time (not used as a tag)
-            problem = run_id_problem(value.strip() if isinstance(value, str) else value, name=name)
+            problem = id_problem(value.strip() if isinstance(value, str) else value, name)
             if problem:
                 return f"TelemetryCapture {problem}"
         return True
