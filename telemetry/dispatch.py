@@ -211,7 +211,9 @@ class Run:
                 elapsed = time.monotonic() - attempt.started
                 head = f"attempt {attempt.number} on {slot.url}:"
                 if outcome == "success":
-                    self._finish(scene, True, f"{head} success after {elapsed:.1f}s")
+                    states = ",".join(str(m.get("State", "?")) for m in rec.get("Markers") or [])
+                    marker = f", marker {states}" if states else ""  # what a consumer of the prefix will find
+                    self._finish(scene, True, f"{head} success after {elapsed:.1f}s{marker}")
                     return None
                 err = (rec.get("Error") or {}).get("Message") or outcome
                 if outcome == "error" and rec.get("RetriedBy"):

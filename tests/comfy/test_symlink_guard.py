@@ -161,7 +161,9 @@ def test_markers_never_land_outside_while_a_process_swaps_their_folder(comfy: Co
     assert not folder.is_symlink()
     assert swaps > 1000 and states, "the swaps must really race the markers"
     # written; error (refused at write time, with a note); failed (the node itself found the prefix unsafe at run time)
-    assert set(states) <= {"written", "error", "failed"} and "written" in states
+    # How many land in each state is the race's luck (a loaded machine has seen 40 refused, none written); that
+    # every write reached the writer and none reached outside is the point.
+    assert set(states) <= {"written", "error", "failed"} and {"written", "error"} & set(states)
     shutil.rmtree(folder)
 
 

@@ -157,7 +157,7 @@ def test_two_workers_one_killed_mid_run(two_workers: tuple[ComfyServer, ComfySer
     assert [s["AttemptsRun"] for s in kept["Scenes"]] == [s["AttemptsRun"] for s in meta["Scenes"]]
     assert validate_run_dir(out_dir).valid
     # Plain lines (not a terminal): one final line per scene, each naming its scene once, its worker and attempt.
-    finals = [ln for ln in text.splitlines() if re.search(r"success after \d+\.\ds$", ln)]
+    finals = [ln for ln in text.splitlines() if re.search(r"success after \d+\.\ds(, marker \S+)?$", ln)]
     assert len(finals) == 6 and all(re.match(r"^\[scene \d/6 \d\] attempt \d on http://", ln) for ln in finals), finals
 
 
