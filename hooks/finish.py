@@ -102,12 +102,27 @@ def _expand(text: str) -> str:
         return text
 
 
-def _key(rt: Runtime, prefix: str) -> str | None:
-    """The ordering key of a prefix: its resolved base path, or ``None`` for a prefix that is refused."""
+KEYS_KEY = "prefix keys"
+
+
+def _key(rt: Runtime, prefix: str, prompt_id: str | None = None) -> str | None:
+    """The ordering key of a prefix: its resolved base path, or ``None`` for a prefix that is refused.
+
+    With ``prompt_id`` the key is resolved once per prompt and prefix (kept on the prompt's plan): the claim at
+    acceptance, the order gate and the write then use one key, and the writer does not resolve the path again
+    (each resolution is two ``realpath`` walks).
+    """
+    plan = rt.plans.get(prompt_id) if prompt_id is not None and rt.plans is not None else None
+    keys = plan.extra.setdefault(KEYS_KEY, {}) if plan is not None else None
+    if keys is not None and prefix in keys:
+        return keys[prefix]
     try:
-        return str(resolve_prefix(rt.output_dir(), prefix))
+        key: str | None = str(resolve_prefix(rt.output_dir(), prefix))
     except (UnsafePrefixError, OSError):
-        return None
+        key = None
+    if keys is not None:
+        keys[prefix] = key
+    return key
 
 
 def _clear(rt: Runtime, rec: PromptRecord, prefix: str) -> None:
@@ -116,7 +131,7 @@ def _clear(rt: Runtime, rec: PromptRecord, prefix: str) -> None:
     The clear runs now, or, while an earlier-accepted prompt has still to write its marker at this prefix, right
     after that write (``PrefixOrder``). Once per prompt and prefix.
     """
-    key = _key(rt, prefix)
+    key = _key(rt, prefix, rec.PromptId)
     if key is None:
         return  # refused with a clear message at submission or when the node runs; nothing to clear
 
@@ -231,7 +246,7 @@ def marker_order(rt: Runtime, rec: PromptRecord) -> float | None:
     order = rt.prefix_order
     order.ended(rec.PromptId)
     for m in rec.Markers:
-        key = _key(rt, m.Prefix) if m.Prefix else None
+        key = _key(rt, m.Prefix, rec.PromptId) if m.Prefix else None
         if key is not None and order.must_wait(key, rec.PromptId):
             return ORDER_POLL_SECONDS
     return None
@@ -349,7 +364,7 @@ def write_markers(rt: Runtime, rec: PromptRecord) -> None:
 
 def _ordered(rt: Runtime, rec: PromptRecord, prefix: str, write: Any) -> Any:
     """Run ``write()`` in the prefix's order (clears of later prompts waiting on it run right after); its result."""
-    key = _key(rt, prefix)
+    key = _key(rt, prefix, rec.PromptId)
     if key is None:
         return write()
     box: list[Any] = []

@@ -2,7 +2,8 @@
 
 A marker is ``<output_dir>/<prefix>.done`` or ``<output_dir>/<prefix>.failed``, JSON with PascalCase fields.
 Writing one removes the other first, so a watcher never sees a fresh ``.done`` beside a stale ``.failed``;
-it also removes temp files abandoned by killed writers (see :func:`telemetry.atomic.remove_stale_temps`).
+it also removes temp files abandoned by killed writers (:func:`telemetry.atomic.sweep_stale_temps`: at most once a
+minute per folder).
 
 The prefix is checked (:func:`telemetry.paths.resolve_prefix`), then its folder is opened below the output folder
 one component at a time without following symlinks (:func:`telemetry.atomic.open_folder`), and the clearing and
@@ -34,7 +35,7 @@ from .atomic import (
     atomic_write,
     open_file_under,
     open_folder,
-    remove_stale_temps,
+    sweep_stale_temps,
 )
 from .paths import resolve_prefix
 
@@ -298,15 +299,13 @@ def clear_markers(output_dir: str | Path, prefix: str) -> list[Path]:
     base = resolve_prefix(output_dir, prefix)
     if not DIR_FD_SUPPORTED:
         removed = [path for path in marker_paths(base) if _remove(path)]
-        for path in marker_paths(base):
-            remove_stale_temps(path)
+        sweep_stale_temps(base)
         return removed
     root, parts = _folder_parts(output_dir, base)
     try:
         with open_folder(root, parts, create=False) as fd:
             removed = [path for path in marker_paths(base) if _remove(path, fd)]
-            for path in marker_paths(base):
-                remove_stale_temps(path, dir_fd=fd)
+            sweep_stale_temps(base, dir_fd=fd)
     except MarkerWriteError as exc:
         if exc.errno == errno.ENOENT and not isinstance(exc, UnsafePathError):
             return []  # the folder does not exist yet: nothing to clear
@@ -317,7 +316,7 @@ def clear_markers(output_dir: str | Path, prefix: str) -> list[Path]:
 def _write_in(
     fd: int | None, target: Path, other: Path, marker: DoneMarker | FailedMarker, atomic_kwargs: dict[str, Any]
 ) -> AtomicWriteResult:
-    remove_stale_temps(target, dir_fd=fd)
+    sweep_stale_temps(target, dir_fd=fd)
     # The opposite marker goes first, so there is never a moment with both a fresh and a stale marker.
     if _remove(other, fd):
         logger.info("removed stale marker %s", other)

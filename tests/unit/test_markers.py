@@ -317,3 +317,42 @@ def test_sigkill_mid_write_never_leaves_a_partial_marker(tmp_path: Path) -> None
     write_done_marker(tmp_path, "scene/frame", _frames_marker(2, 1))
     assert os.listdir(folder) == ["frame.done"]
     assert read_marker(done).frame_count == 2  # type: ignore[union-attr]
+
+
+def test_markers_in_a_folder_of_many_frames_list_it_once_a_minute(tmp_path: Path, monkeypatch) -> None:
+    """A scene folder of 2,000 frames and 50 scenes' markers: one listing of the folder, not one per clear and write.
+
+    Each listing is O(entries) and ran on ComfyUI's HTTP thread (the clear at acceptance) and on the writer (before
+    the write): a long scene made every later marker slower. Stale temps of a dead writer still go, in every
+    target's name, at the first touch of the folder and again once the minute has passed.
+    """
+    import telemetry.atomic as atomic
+
+    scene = tmp_path / "scene"
+    scene.mkdir()
+    for i in range(2000):
+        (scene / f"frame_{i:05d}_.png").write_bytes(b"png")
+    dead = [scene / f".s{k:03d}.done.999999999.0badc0d{k}.tmp" for k in range(3)]
+    for t in dead:
+        t.write_text("{partial")
+    listings: list[object] = []
+    real_scandir = os.scandir
+
+    def counting_scandir(target: object):
+        listings.append(target)
+        return real_scandir(target)
+
+    now = [1000.0]
+    monkeypatch.setattr(atomic.os, "scandir", counting_scandir)
+    monkeypatch.setattr(atomic.time, "monotonic", lambda: now[0])
+    for k in range(50):
+        clear_markers(tmp_path, f"scene/s{k:03d}")
+        write_done_marker(tmp_path, f"scene/s{k:03d}", DoneMarker(Prefix=f"scene/s{k:03d}"))
+    assert len(listings) == 1
+    assert not any(t.exists() for t in dead)  # every target's stale temp went with that one listing
+    assert all((scene / f"s{k:03d}.done").is_file() for k in range(50))
+    late = scene / ".s000.done.999999999.0badc0de.tmp"
+    late.write_text("{partial")
+    now[0] += 61.0
+    clear_markers(tmp_path, "scene/s000")
+    assert len(listings) == 2 and not late.exists()
