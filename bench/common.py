@@ -25,6 +25,7 @@ from harness.comfy import ComfyServer, get_install, scratch_dir  # noqa: E402
 TEST_NODES = REPO / "tests" / "comfy" / "rt_test_nodes"
 TIMER_NODE = REPO / "bench" / "timer_node"
 NULL_ROUTE = REPO / "bench" / "null_route"
+PROFILE_NODE = REPO / "bench" / "profile_node"
 RESULTS = REPO / "bench" / "results"
 PACKAGE_FOLDER = "ComfyUI-Run-Telemetry"
 DEFAULT_VERSION = "0.3.75"
@@ -137,6 +138,7 @@ def make_bench_server(
     extra_args: Sequence[str] = (),
     timer: bool = True,
     null_route: bool = False,
+    extra_packages: dict[str, Path] | None = None,
 ) -> ComfyServer:
     """A not-yet-started ComfyUI with the test nodes (and the bench timer), with or without Run Telemetry."""
     packages: dict[str, Path] = {"rt_test_nodes": TEST_NODES}
@@ -146,6 +148,7 @@ def make_bench_server(
         packages["rt_bench_null_route"] = NULL_ROUTE
     if with_package:
         packages[PACKAGE_FOLDER] = REPO
+    packages.update(extra_packages or {})
     label = "with" if with_package else "without"
     return ComfyServer(
         install=get_install(version),

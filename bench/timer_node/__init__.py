@@ -1,6 +1,8 @@
 """Bench-only ComfyUI package, linked into every bench server (with and without Run Telemetry) alike.
 
-It times ``PromptExecutor.execute`` from the outside with ``perf_counter_ns`` and serves the figures:
+Its two do-nothing nodes, ``RTBenchPass`` and ``RTBenchOutput``, stand where TelemetryCapture and WriteDoneMarker
+stand in a prompt, so ComfyUI's own cost of two more nodes is measured without the package. It times
+``PromptExecutor.execute`` from the outside with ``perf_counter_ns`` and serves the figures:
 ``GET /rt_bench/timings`` (all of them), ``GET /rt_bench/threads`` (Python's thread names by OS id) and ``GET /rt_bench/wait/{prompt_id}`` (blocks until that prompt's
 ``execute`` has returned, so the bench waits without polling the server while a prompt runs). ComfyUI's own clocks
 are coarser (history timestamps are whole milliseconds, the "Prompt executed in" log line has two decimals) and
@@ -16,7 +18,47 @@ import threading
 import time
 from typing import Any
 
-NODE_CLASS_MAPPINGS: dict[str, type] = {}
+
+class RTBenchPass:
+    """A do-nothing pass-through with TelemetryCapture's widgets: ComfyUI's own cost of one more node."""
+
+    CATEGORY = "rt_bench"
+    FUNCTION = "run"
+    RETURN_TYPES = ("IMAGE",)
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {
+            "required": {"value": ("IMAGE",)},
+            "optional": {
+                "run_id": ("STRING", {"default": ""}),
+                "scene_id": ("STRING", {"default": ""}),
+                "label": ("STRING", {"default": "span"}),
+            },
+        }
+
+    def run(self, value: Any, **_: Any) -> tuple[Any]:
+        return (value,)
+
+
+class RTBenchOutput:
+    """A do-nothing output node with WriteDoneMarker's inputs and UI output: ComfyUI's own cost of an output node."""
+
+    CATEGORY = "rt_bench"
+    FUNCTION = "run"
+    RETURN_TYPES = ()
+    OUTPUT_NODE = True
+
+    @classmethod
+    def INPUT_TYPES(cls) -> dict[str, Any]:
+        return {"required": {"filename_prefix": ("STRING", {"default": "x"})}, "optional": {"images": ("IMAGE",)}}
+
+    def run(self, filename_prefix: str, images: Any = None) -> dict[str, Any]:
+        frames = int(images.shape[0]) if images is not None else None
+        return {"ui": {"rt_bench_output": [{"prefix": filename_prefix, "state": "none", "frames": frames}]}}
+
+
+NODE_CLASS_MAPPINGS: dict[str, type] = {"RTBenchPass": RTBenchPass, "RTBenchOutput": RTBenchOutput}
 MARK = "__rt_bench_outer__"
 _LOCK = threading.Lock()
 _TIMINGS: dict[str, int] = {}
