@@ -102,27 +102,23 @@ def _expand(text: str) -> str:
         return text
 
 
-KEYS_KEY = "prefix keys"
-
-
 def _key(rt: Runtime, prefix: str, prompt_id: str | None = None) -> str | None:
     """The ordering key of a prefix: its resolved base path, or ``None`` for a prefix that is refused.
 
-    With ``prompt_id`` the key is resolved once per prompt and prefix (kept on the prompt's plan): the claim at
-    acceptance, the order gate and the write then use one key, and the writer does not resolve the path again
-    (each resolution is two ``realpath`` walks).
+    With ``prompt_id`` the key is resolved once per prompt and prefix (``PrefixOrder.key_of``): the claim at
+    acceptance, the claim again when the node runs, the order gate and the write use one key, and neither the
+    prompt worker nor the writer walks the path again (each resolution is two ``realpath`` walks).
     """
-    plan = rt.plans.get(prompt_id) if prompt_id is not None and rt.plans is not None else None
-    keys = plan.extra.setdefault(KEYS_KEY, {}) if plan is not None else None
-    if keys is not None and prefix in keys:
-        return keys[prefix]
-    try:
-        key: str | None = str(resolve_prefix(rt.output_dir(), prefix))
-    except (UnsafePrefixError, OSError):
-        key = None
-    if keys is not None:
-        keys[prefix] = key
-    return key
+
+    def resolve() -> str | None:
+        try:
+            return str(resolve_prefix(rt.output_dir(), prefix))
+        except (UnsafePrefixError, OSError):
+            return None
+
+    if prompt_id is None:
+        return resolve()
+    return rt.prefix_order.key_of(prompt_id, prefix, resolve)
 
 
 def _clear(rt: Runtime, rec: PromptRecord, prefix: str) -> None:
@@ -137,7 +133,7 @@ def _clear(rt: Runtime, rec: PromptRecord, prefix: str) -> None:
 
     def clear() -> None:
         try:
-            clear_markers(rt.output_dir(), prefix)
+            clear_markers(rt.output_dir(), prefix, base=Path(key))
         except (UnsafePrefixError, FileNotFoundError):
             pass
         except MarkerWriteError as exc:

@@ -99,6 +99,9 @@ class Runtime:
         self.plans: Any = None
         # Stale-marker clears and marker writes of prompts sharing a prefix, in acceptance order (hooks/finish.py).
         self.prefix_order = PrefixOrder()
+        self._run_policies: dict[
+            str, tuple[int, QueuePolicy, list[str]]
+        ] = {}  # run id -> (runs_version, policy, notes)
         self.snapshot = snapshot
         self.pending = pending
         self.queue_counts = queue_counts
@@ -274,7 +277,23 @@ class Runtime:
             return dict(self._waits)
 
     def run_policy(self, run_id: str | None) -> tuple[QueuePolicy, list[str]]:
-        """The policy of a run: the environment's, with the run's own overrides; plus notes that affect it."""
+        """The policy of a run: the environment's, with the run's own overrides; plus notes that affect it.
+
+        Read from the store once per run while the store's ``runs_version`` holds (the writer asks twice per prompt).
+        """
+        version = getattr(self.store, "runs_version", None)
+        if run_id and version is not None:
+            hit = self._run_policies.get(run_id)
+            if hit is not None and hit[0] == version:
+                return hit[1], list(hit[2])
+        policy, notes = self._run_policy(run_id)
+        if run_id and version is not None:
+            self._run_policies[run_id] = (version, policy, list(notes))
+            while len(self._run_policies) > 1000:
+                self._run_policies.pop(next(iter(self._run_policies)))
+        return policy, notes
+
+    def _run_policy(self, run_id: str | None) -> tuple[QueuePolicy, list[str]]:
         info = self.store.run_info(run_id) if run_id else None
         policy, notes = apply_overrides(self.policy, (info or {}).get("PolicyOverrides"))
         ceiling = self.policy.scene_retry_budget

@@ -290,13 +290,16 @@ def _folder_parts(output_dir: str | Path, base: Path) -> tuple[Path, tuple[str, 
     return root, base.parent.relative_to(root).parts
 
 
-def clear_markers(output_dir: str | Path, prefix: str) -> list[Path]:
+def clear_markers(output_dir: str | Path, prefix: str, *, base: Path | None = None) -> list[Path]:
     """Remove ``<prefix>.done`` and ``<prefix>.failed`` (only those two, and stale temps); return what was removed.
 
-    Raises :class:`~telemetry.paths.UnsafePrefixError` for a prefix that leaves the output folder and
-    :class:`~telemetry.atomic.UnsafePathError` (a MarkerWriteError) when a folder on the way became a symlink.
+    ``base`` is the prefix already resolved by :func:`~telemetry.paths.resolve_prefix` (the caller's check); the
+    folders are still opened without following links. Raises :class:`~telemetry.paths.UnsafePrefixError` for a
+    prefix that leaves the output folder and :class:`~telemetry.atomic.UnsafePathError` (a MarkerWriteError) when a
+    folder on the way became a symlink.
     """
-    base = resolve_prefix(output_dir, prefix)
+    if base is None:
+        base = resolve_prefix(output_dir, prefix)
     if not DIR_FD_SUPPORTED:
         removed = [path for path in marker_paths(base) if _remove(path)]
         sweep_stale_temps(base)

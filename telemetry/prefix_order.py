@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -32,6 +33,24 @@ class PrefixOrder:
 
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _claims: dict[str, list[_Claim]] = field(default_factory=dict)
+    # prompt id -> {prefix text: key (None: refused)}: each prompt's prefix is resolved once, at its first claim, and
+    # that one key serves its clear, its order gate and its write (bounded; released with the prompt's claims)
+    _keys: OrderedDict[str, dict[str, str | None]] = field(default_factory=OrderedDict)
+    keys_kept: int = 10_000
+
+    def key_of(self, prompt_id: str, prefix: str, resolve: Callable[[], str | None]) -> str | None:
+        """The key ``prompt_id`` uses for ``prefix``: resolved by ``resolve()`` the first time, remembered after."""
+        with self._lock:
+            known = self._keys.get(prompt_id)
+            if known is not None and prefix in known:
+                return known[prefix]
+        key = resolve()  # outside the lock: it walks the file system
+        with self._lock:
+            known = self._keys.setdefault(prompt_id, {})
+            key = known.setdefault(prefix, key)
+            while len(self._keys) > self.keys_kept:
+                self._keys.popitem(last=False)
+        return key
 
     def claim(self, key: str, prompt_id: str, clear: Callable[[], None], order: int | None = None) -> bool:
         """``prompt_id`` declares a marker at ``key``: clear now if no earlier claim is open (True), else later.
@@ -89,6 +108,7 @@ class PrefixOrder:
     def release(self, prompt_id: str) -> None:
         """Drop every claim of ``prompt_id`` (it wrote its markers, or never will); run clears now due."""
         with self._lock:
+            self._keys.pop(prompt_id, None)
             for key in [k for k, claims in self._claims.items() if any(c.prompt_id == prompt_id for c in claims)]:
                 self._release(key, prompt_id)
 

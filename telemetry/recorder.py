@@ -279,6 +279,10 @@ class Recorder:
         self.writer = writer
         self.store_writer = store_writer or writer
         self.marker_store_wait = marker_store_wait
+        # Rows for the store thread, written together: the rows that wait while it writes go in one transaction.
+        self._rows: list[tuple[tuple[Any, ...], threading.Event | None, Callable[[], None] | None]] = []
+        self._rows_lock = threading.Lock()
+        self._rows_flush_due = False
         # monotonic time of the last prompt start or end, or node return: the health check's "nothing ran since"
         self.last_activity = time.monotonic()
         self._snapshot = snapshot
@@ -815,7 +819,7 @@ class Recorder:
         if self.store_writer is self.writer:
             self._store_row(*row)
         else:
-            self.store_writer.submit(lambda: self._store_row(*row))
+            self._queue_row(row)
 
     def _running_row_before_markers(self, live: _Live) -> None:
         """Store the running row of a prompt whose markers are about to be written, waiting a bounded moment only.
@@ -837,15 +841,8 @@ class Recorder:
             self._store_row(*row)
             return
         stored = threading.Event()
-
-        def job() -> None:
-            try:
-                self._store_row(*row)
-            finally:
-                stored.set()
-
         busy = self.store_writer.busy_seconds()  # the store's thread, stuck on an earlier write: not worth a wait
-        self.store_writer.submit(job)
+        self._queue_row(row, stored)
         health = getattr(self.store, "health", None)
         if (health is None or health().Ok) and (busy is None or busy < self.marker_store_wait):
             stored.wait(self.marker_store_wait)
@@ -857,8 +854,7 @@ class Recorder:
                 return  # started (its running row follows) or dropped (its final row follows) meanwhile
             # Under the lock: started() takes the record out under it before changing it, so this is a clean view.
             body = dump_record(rec)[1]
-        self._store(rec, body, outcome="queued")
-        self._publish(PromptRecord.model_validate_json(body))
+        self._store(rec, body, outcome="queued", then=lambda: self._publish(PromptRecord.model_validate_json(body)))
 
     def _persist_running(self, live: _Live, *, publish: bool = True) -> None:
         """Store the row of a prompt still running (a kill leaves it for the next start to mark as cut off)."""
@@ -872,13 +868,59 @@ class Recorder:
                 # Called by _finish itself (markers are about to be written): keep the row, without the event.
             live.row_written = True
         _, body = dump_record(rec)  # one call: a consistent view (see started)
-        self._store(rec, body, outcome="running")
-        if publish:
-            self._publish(PromptRecord.model_validate_json(body))
+        then = (lambda: self._publish(PromptRecord.model_validate_json(body))) if publish else None
+        self._store(rec, body, outcome="running", then=then)
 
-    def _store(self, rec: PromptRecord, body: str, *, outcome: str | None = None) -> None:
-        """Store thread: the row of ``rec`` with ``body``."""
-        self._store_row(rec.PromptId, rec.RunId, rec.SceneId, outcome or rec.Outcome, body, rec.Seq)
+    def _store(
+        self, rec: PromptRecord, body: str, *, outcome: str | None = None, then: Callable[[], None] | None = None
+    ) -> None:
+        """Store thread: the row of ``rec`` with ``body`` (with the rows waiting beside it, in one transaction);
+        ``then`` runs once it is stored (the event of a queued or running row follows its row, as readers expect)."""
+        row = (rec.PromptId, rec.RunId, rec.SceneId, outcome or rec.Outcome, body, rec.Seq)
+        if self.store_writer is self.writer:
+            self._store_row(*row)
+            if then is not None:
+                then()
+        else:
+            self._queue_row(row, then=then)
+
+    def _queue_row(
+        self, row: tuple[Any, ...], stored: threading.Event | None = None, *, then: Callable[[], None] | None = None
+    ) -> None:
+        """Hand a row to the store thread; ``stored`` is set, and ``then`` called, once it was written (or failed)."""
+        with self._rows_lock:
+            self._rows.append((row, stored, then))
+            if self._rows_flush_due:
+                return  # the flush already queued takes this row too
+            self._rows_flush_due = True
+        self.store_writer.submit(self._flush_rows)
+
+    def _flush_rows(self) -> None:
+        """Store thread: every row waiting, in order, in one transaction (one row: as before)."""
+        with self._rows_lock:
+            rows, self._rows = self._rows, []
+            self._rows_flush_due = False
+        try:
+            put_many = getattr(self.store, "put_json_many", None)
+            written = False
+            if len(rows) > 1 and put_many is not None:
+                try:
+                    put_many([row for row, _, _ in rows])
+                    written = True
+                except Exception as exc:  # one bad row must not lose the others: one by one, as before
+                    logger.warning("Run Telemetry: storing %d rows together failed (%s); one by one", len(rows), exc)
+            if not written:
+                for row, _, _ in rows:
+                    self._store_row(*row)
+        finally:
+            for _, stored, then in rows:
+                if stored is not None:
+                    stored.set()
+                if then is not None:
+                    try:
+                        then()
+                    except Exception:
+                        logger.exception("Run Telemetry: publishing after a store write failed")
 
     def _store_row(
         self, prompt_id: str, run_id: str | None, scene_id: str | None, outcome: str, body: str, seq: int | None

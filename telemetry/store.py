@@ -25,7 +25,7 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from datetime import datetime, timezone
@@ -222,6 +222,9 @@ class Store:
         self._state_lock = threading.RLock()
         self._writes_since_prune = 0
         self.last_seq = 0  # the highest record order number stored (the recorder continues from it)
+        # Changes whenever a run's information may have changed (put_run, prune, another database): callers that
+        # cache what they derive from run_info (the runtime's run policy) check it first.
+        self.runs_version = 0
         self._gen = 0
         self._mode: Mode = "file"
         self._mem_name = f"run-telemetry-{uuid.uuid4().hex}"
@@ -391,6 +394,7 @@ class Store:
             return
         with self._state_lock:
             self._mode = "file"
+            self.runs_version += 1  # another database: cached run information is void
             self._gen += 1
         # Sticky: the records of the damaged file are not in the fresh one; the state stays loud until a restart.
         self._set_health(False, f"damaged ({why}); moved aside and a fresh store started")
@@ -407,6 +411,7 @@ class Store:
                 self.last_seq = max(self.last_seq, _migrate(anchor))
                 self._anchor = anchor
                 self._mode = "memory"
+                self.runs_version += 1  # another database: cached run information is void
                 self._gen += 1
                 problem += copied
             self._file_retry_at = time.monotonic() + self.file_retry
@@ -454,6 +459,7 @@ class Store:
             return
         with self._state_lock:
             self._mode = "file"
+            self.runs_version += 1  # another database: cached run information is void
             self._gen += 1
             anchor, self._anchor = self._anchor, None
         if anchor is not None:
@@ -617,6 +623,40 @@ class Store:
             self._writes_since_prune = 0
             self.prune()
 
+    def put_json_many(self, rows: Sequence[tuple[str, str | None, str | None, str, str, int | None]]) -> None:
+        """:meth:`put_json` for several rows ``(prompt_id, run_id, scene_id, outcome, record, seq)`` in one
+        transaction, in order (a later row for the same prompt wins). Raises like :meth:`put_json`; nothing is
+        written then."""
+        prepared = []
+        for prompt_id, run_id, scene_id, outcome, record, seq in rows:
+            if seq is None:
+                seq = self.last_seq + 1
+            self.last_seq = max(self.last_seq, seq)
+            prepared.append((prompt_id, run_id, scene_id, outcome, self._clock(), record, seq))
+
+        def write(c: sqlite3.Connection) -> None:
+            c.execute("BEGIN")
+            try:
+                c.executemany(
+                    "INSERT OR REPLACE INTO prompts(prompt_id, run_id, scene_id, outcome, updated_at, record, seq)"
+                    " VALUES (?,?,?,?,?,?,?)",
+                    prepared,
+                )
+                c.execute("COMMIT")
+            except BaseException:
+                if c.in_transaction:  # a failed COMMIT leaves it open: the next try (or write) starts clean
+                    try:
+                        c.execute("ROLLBACK")
+                    except sqlite3.Error:
+                        logger.debug("rollback after a failed batch write failed", exc_info=True)
+                raise
+
+        self._write(write)
+        self._writes_since_prune += len(prepared)
+        if self._writes_since_prune >= 100:
+            self._writes_since_prune = 0
+            self.prune()
+
     def prune(self) -> int:
         """Drop records beyond the retention count, never part of a run; return how many went.
 
@@ -655,7 +695,10 @@ class Store:
                 excess -= count
             return gone
 
-        return self._write(prune)
+        try:
+            return self._write(prune)
+        finally:
+            self.runs_version += 1
 
     def mark_cut_off(self, note: str) -> list[str]:
         """Mark records left running by a process that died as ``crashed``; return their ids.
@@ -707,6 +750,7 @@ class Store:
                 (run_id, now, now, body),
             )
         )
+        self.runs_version += 1
 
     # --- reads (any thread) ---
 

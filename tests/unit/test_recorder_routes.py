@@ -179,3 +179,22 @@ async def test_finalize_right_after_the_wait_finds_the_final_record(
     body = await resp.json()
     assert resp.status == 200, body
     assert body["Scenes"] == 1 and body["Valid"] is True, body
+
+
+def test_run_policy_is_read_once_per_run_and_again_after_a_change(runtime: Any) -> None:
+    """The writer asks a run's policy twice per prompt: one store read per run, until the run's information
+    changes (put_run) or the store's database does; a changed override is never served stale."""
+    rt = runtime
+    reads: list[str] = []
+    original = rt.store.run_info
+    rt.store.run_info = lambda run_id: (reads.append(run_id), original(run_id))[1]
+    rt.store.put_run("r1", {"PolicyOverrides": {"output_settle_seconds": 2}})
+    first = rt.run_policy("r1")[0].output_settle_seconds
+    again = rt.run_policy("r1")[0].output_settle_seconds
+    assert (first, again, reads) == (2.0, 2.0, ["r1"])
+    rt.store.put_run("r1", {"PolicyOverrides": {"output_settle_seconds": 5}})
+    assert rt.run_policy("r1")[0].output_settle_seconds == 5.0
+    assert reads == ["r1", "r1"]
+    notes = rt.run_policy("r1")[1]
+    notes.append("a caller's own note")
+    assert "a caller's own note" not in rt.run_policy("r1")[1]

@@ -142,3 +142,54 @@ def test_final_bodies_read_from_the_store_are_kept_for_the_next_reader(tmp_path:
     rec.started("a", {}, {})  # the id is reused: the old final body is not the answer any more
     assert rec.final_json("a") is None
     writer.stop()
+
+
+def test_rows_waiting_for_the_store_thread_go_in_one_transaction_in_order(tmp_path: Path) -> None:
+    """A queue of prompts accepted at once: their rows wait while the store thread is busy and are then written
+    together (one transaction, one commit), in the order they were made; each row's event follows its row."""
+    store = Store(tmp_path / "t.sqlite3")
+    writer, store_writer = Writer(), Writer("store")
+    rec = Recorder(store, writer, snapshot, running_row_delay=3600, store_writer=store_writer)
+    commits: list[int] = []
+    original_many, original_one = store.put_json_many, store.put_json
+    store.put_json_many = lambda rows: (commits.append(len(rows)), original_many(rows))[1]  # type: ignore[method-assign]
+    store.put_json = lambda *a, **kw: (commits.append(1), original_one(*a, **kw))[1]  # type: ignore[method-assign]
+    seen_stored: list[tuple[str, str | None]] = []
+    rec.add_listener(lambda r: seen_stored.append((r.PromptId, (store.get(r.PromptId) or r).Outcome)))
+    gate = threading.Event()
+    store_writer.submit(lambda: gate.wait(10))  # the store thread is busy with an earlier write
+    for i in range(5):
+        rec.started(f"p{i}", {}, {})
+        rec.ended(f"p{i}", SUCCESS, {"outputs": {}})
+    assert writer.flush(10)  # every final row is handed over, none written yet
+    assert commits == [] and store.get("p0") is None
+    gate.set()
+    assert store_writer.flush(10)
+    assert commits == [5]
+    assert [r.PromptId for r in store.recent(10)] == ["p4", "p3", "p2", "p1", "p0"]
+    assert all(store.get(f"p{i}").Outcome == "success" for i in range(5))
+    writer.stop()
+    store_writer.stop()
+
+
+def test_a_queued_row_is_stored_before_its_event(tmp_path: Path) -> None:
+    """The queued row goes through the store thread's batch; listeners hear of it only once it is in the store."""
+    from types import SimpleNamespace
+
+    store = Store(tmp_path / "t.sqlite3")
+    writer, store_writer = Writer(), Writer("store")
+    rec = Recorder(store, writer, snapshot, running_row_delay=0.0, store_writer=store_writer)
+    seen: list[tuple[str, str | None]] = []
+    heard = threading.Event()
+
+    def listener(r: PromptRecord) -> None:
+        stored = store.get(r.PromptId)
+        seen.append((r.Outcome, stored.Outcome if stored else None))
+        heard.set()
+
+    rec.add_listener(listener)
+    rec.accepted(SimpleNamespace(number=1, prompt_id="q1", prompt={}, extra_data={}, outputs_to_execute=[]))
+    assert heard.wait(10)
+    assert seen == [("queued", "queued")]
+    writer.stop()
+    store_writer.stop()

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import itertools
+import sqlite3
 from pathlib import Path
+
+import pytest
 
 from telemetry.policy import QueuePolicy
 from telemetry.records import PromptError, PromptRecord
@@ -79,3 +82,25 @@ def test_prune_takes_whole_runs_oldest_and_finalized_first(tmp_path: Path) -> No
     kept = {r["RunId"]: r["Prompts"] for r in store.runs()}
     # 17 > 10: the finalized run goes first, then the oldest; a run with queued prompts and the newest run stay.
     assert kept == {"newest": 6, "pending": 3}, kept
+
+
+def test_put_json_many_writes_all_rows_in_order_or_none(tmp_path: Path) -> None:
+    """Several rows in one transaction: a later row of a prompt replaces its earlier one; a row SQLite refuses
+    leaves none of them written, and the store goes on writing."""
+    store = Store(tmp_path / "t.sqlite3")
+    rows = [
+        ("a", None, None, "queued", '{"PromptId": "a", "Outcome": "queued"}', 1),
+        ("b", None, None, "queued", '{"PromptId": "b", "Outcome": "queued"}', 2),
+        ("a", None, None, "success", '{"PromptId": "a", "Outcome": "success"}', 3),
+    ]
+    store.put_json_many(rows)
+    assert store.get("a").Outcome == "success" and store.get("b").Outcome == "queued"
+    bad = [
+        ("c", None, None, "queued", '{"PromptId": "c", "Outcome": "queued"}', 4),
+        ("d", None, None, "queued", object(), 5),
+    ]
+    with pytest.raises(sqlite3.Error):
+        store.put_json_many(bad)  # type: ignore[arg-type]
+    assert store.get("c") is None
+    store.put_json("e", None, None, "success", '{"PromptId": "e", "Outcome": "success"}', seq=6)
+    assert store.get("e").Outcome == "success"
