@@ -67,18 +67,41 @@ class Writer:
     def _run(self) -> None:
         later: list[tuple[float, int, Job]] = []
         order = itertools.count()
+        carry: _Flush | None = None  # a flush met while draining at a flush or stop: handled next
         while True:
             try:
-                if later:
+                if carry is not None:
+                    item, carry = carry, None
+                elif later:
                     item = self._q.get(timeout=max(0.0, later[0][0] - self._clock()))
                 else:
                     item = self._q.get()
             except queue.Empty:
                 item = _DUE
             if item is None or isinstance(item, _Flush):
+                # The delayed jobs run now, and so do the jobs they submit (the recorder's row batch): else those
+                # would run after the flush returned, or never once the thread ended. Delayed jobs they submit
+                # (a gate polling again) wait for their time, as before.
+                stop = item is None
+                deferred: list[_Later] = []
                 while later:
                     self._call(heapq.heappop(later)[2])
-                if item is None:
+                    while carry is None:
+                        try:
+                            more = self._q.get_nowait()
+                        except queue.Empty:
+                            break
+                        if more is None:
+                            stop = True
+                        elif isinstance(more, _Flush):
+                            carry = more  # submitted after this one: its turn comes next
+                        elif isinstance(more, _Later):
+                            deferred.append(more)
+                        else:
+                            self._call(more)
+                for d in deferred:
+                    heapq.heappush(later, (d.due, next(order), d.job))
+                if stop:
                     return
                 item.done.set()
                 continue

@@ -193,3 +193,38 @@ def test_a_queued_row_is_stored_before_its_event(tmp_path: Path) -> None:
     assert seen == [("queued", "queued")]
     writer.stop()
     store_writer.stop()
+
+
+def _accept(rec: Recorder, prompt_id: str) -> None:
+    from types import SimpleNamespace
+
+    rec.accepted(SimpleNamespace(number=1, prompt_id=prompt_id, prompt={}, extra_data={}, outputs_to_execute=[]))
+
+
+def test_a_store_flush_writes_the_rows_its_delayed_jobs_hand_over(tmp_path: Path) -> None:
+    """``flush`` promises every store write submitted so far: the delayed queued-row job runs at the flush and its
+    row must be in the store when the flush returns, not in a batch job queued behind the flush."""
+    store = Store(tmp_path / "t.sqlite3")
+    writer, store_writer = Writer(), Writer("store")
+    rec = Recorder(store, writer, snapshot, running_row_delay=3600, store_writer=store_writer)
+    _accept(rec, "q1")
+    assert writer.flush(10) and store_writer.flush(10)
+    row = store.get("q1")
+    assert row is not None and row.Outcome == "queued"
+    writer.stop()
+    store_writer.stop()
+
+
+def test_stopping_the_store_thread_keeps_the_rows_its_delayed_jobs_hand_over(tmp_path: Path) -> None:
+    """Shutdown: ``stop`` runs the delayed row jobs at once; the rows they hand over are written before the thread
+    ends (a queued prompt's row is what lets the next start report it ``lost``)."""
+    store = Store(tmp_path / "t.sqlite3")
+    writer, store_writer = Writer(), Writer("store")
+    rec = Recorder(store, writer, snapshot, running_row_delay=3600, store_writer=store_writer)
+    _accept(rec, "q1")
+    rec.started("r1", {}, {})
+    writer.stop()
+    store_writer.stop()
+    fresh = Store(tmp_path / "t.sqlite3")
+    assert [r.PromptId for r in fresh.queued_records()] == ["q1"]
+    assert fresh.get("r1") is not None and fresh.get("r1").Outcome == "running"
