@@ -286,8 +286,10 @@ class Runtime:
             hit = self._run_policies.get(run_id)
             if hit is not None and hit[0] == version:
                 return hit[1], list(hit[2])
+        failures = getattr(self.store, "read_failures", 0)
         policy, notes = self._run_policy(run_id)
-        if run_id and version is not None:
+        # A read that failed (the store locked by another process a moment) gave the environment's policy: not kept.
+        if run_id and version is not None and getattr(self.store, "read_failures", 0) == failures:
             self._run_policies[run_id] = (version, policy, list(notes))
             while len(self._run_policies) > 1000:
                 self._run_policies.pop(next(iter(self._run_policies)))

@@ -225,6 +225,8 @@ class Store:
         # Changes whenever a run's information may have changed (put_run, prune, another database): callers that
         # cache what they derive from run_info (the runtime's run policy) check it first.
         self.runs_version = 0
+        # Reads that could not answer (locked, damaged, gone) and gave their default: a cache must not keep one.
+        self.read_failures = 0
         self._gen = 0
         self._mode: Mode = "file"
         self._mem_name = f"run-telemetry-{uuid.uuid4().hex}"
@@ -527,6 +529,7 @@ class Store:
             with self._conn() as c:
                 return fn(c)
         except (sqlite3.Error, OSError) as exc:
+            self.read_failures += 1
             kind = classify(exc)
             if kind == "damaged" and self._mode == "file":
                 self._damage_seen = str(exc)  # the writer thread moves it aside at its next write

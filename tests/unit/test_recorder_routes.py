@@ -198,3 +198,23 @@ def test_run_policy_is_read_once_per_run_and_again_after_a_change(runtime: Any) 
     notes = rt.run_policy("r1")[1]
     notes.append("a caller's own note")
     assert "a caller's own note" not in rt.run_policy("r1")[1]
+
+
+def test_run_policy_read_while_the_store_is_locked_is_not_kept(runtime: Any) -> None:
+    """Another process holds the store's lock for a moment: the run's overrides cannot be read, the environment's
+    policy is the answer for now, but it must not be kept as the run's policy once the store answers again."""
+    import sqlite3
+
+    rt = runtime
+    rt.store.put_run("r1", {"PolicyOverrides": {"output_settle_seconds": 2}})
+    rt.store.close()  # this thread's connection: the other process below takes the file for itself
+    other = sqlite3.connect(rt.store.path, isolation_level=None)
+    other.execute("PRAGMA locking_mode=EXCLUSIVE")
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        assert rt.run_policy("r1")[0].output_settle_seconds != 2.0  # the run's information cannot be read now
+    finally:
+        other.execute("COMMIT")
+        other.close()
+    assert rt.store.run_info("r1") == {"PolicyOverrides": {"output_settle_seconds": 2}}
+    assert rt.run_policy("r1")[0].output_settle_seconds == 2.0
