@@ -813,13 +813,16 @@ class Recorder:
             self.version += 1
             while len(self._recent) > self._recent_size:
                 self._recent.popitem(last=False)
+            row = (rec.PromptId, rec.RunId, rec.SceneId, rec.Outcome, body, rec.Seq)
+            # Handed over under the lock that ends the prompt: a queued or running row the store thread hands over
+            # (it checks under this lock that the prompt has not ended) is always before it, never after.
+            submit = self.store_writer is not self.writer and self._append_row(row)
         # Readers see the final record (and the markers it names) now; the store has it once its thread gets to it.
         self._publish(rec)
-        row = (rec.PromptId, rec.RunId, rec.SceneId, rec.Outcome, body, rec.Seq)
         if self.store_writer is self.writer:
             self._store_row(*row)
-        else:
-            self._queue_row(row)
+        elif submit:
+            self.store_writer.submit(self._flush_rows)
 
     def _running_row_before_markers(self, live: _Live) -> None:
         """Store the running row of a prompt whose markers are about to be written, waiting a bounded moment only.
@@ -849,12 +852,26 @@ class Recorder:
 
     def _persist_queued(self, rec: PromptRecord) -> None:
         """Store the row of a prompt still queued (the next start marks it ``lost`` if ComfyUI stops first)."""
+        def publish() -> None:
+            # Still queued: else its running or final event went out already and this one would undo it.
+            with self._lock:
+                current = self._queued.get(rec.PromptId) is rec
+            if current:
+                self._publish(PromptRecord.model_validate_json(body))
+
         with self._lock:
             if self._queued.get(rec.PromptId) is not rec:
                 return  # started (its running row follows) or dropped (its final row follows) meanwhile
             # Under the lock: started() takes the record out under it before changing it, so this is a clean view.
             body = dump_record(rec)[1]
-        self._store(rec, body, outcome="queued", then=lambda: self._publish(PromptRecord.model_validate_json(body)))
+            if self.store_writer is self.writer:
+                submit = False
+            else:  # handed over under the lock too: the prompt's later rows come after this one
+                submit = self._append_row((rec.PromptId, rec.RunId, rec.SceneId, "queued", body, rec.Seq), then=publish)
+        if self.store_writer is self.writer:
+            self._store(rec, body, outcome="queued", then=publish)
+        elif submit:
+            self.store_writer.submit(self._flush_rows)
 
     def _persist_running(self, live: _Live, *, publish: bool = True) -> None:
         """Store the row of a prompt still running (a kill leaves it for the next start to mark as cut off)."""
@@ -868,8 +885,28 @@ class Recorder:
                 # Called by _finish itself (markers are about to be written): keep the row, without the event.
             live.row_written = True
         _, body = dump_record(rec)  # one call: a consistent view (see started)
-        then = (lambda: self._publish(PromptRecord.model_validate_json(body))) if publish else None
-        self._store(rec, body, outcome="running", then=then)
+
+        def then() -> None:
+            # Still running: else the final event went out already and this one would undo it.
+            with self._lock:
+                current = self._live.get(rec.PromptId) is live
+            if current:
+                self._publish(PromptRecord.model_validate_json(body))
+
+        row = (rec.PromptId, rec.RunId, rec.SceneId, "running", body, rec.Seq)
+        if self.store_writer is self.writer:
+            self._store_row(*row)
+            if publish:
+                then()
+            return
+        with self._lock:
+            # Handed over under the lock, and only while the prompt has not ended: its final row (handed over under
+            # this lock once it ended) must come after this one, or the store would keep "running" for good.
+            if self._live.get(rec.PromptId) is not live and self._finishing.get(rec.PromptId) is not rec:
+                return
+            submit = self._append_row(row, then=then if publish else None)
+        if submit:
+            self.store_writer.submit(self._flush_rows)
 
     def _store(
         self, rec: PromptRecord, body: str, *, outcome: str | None = None, then: Callable[[], None] | None = None
@@ -888,12 +925,19 @@ class Recorder:
         self, row: tuple[Any, ...], stored: threading.Event | None = None, *, then: Callable[[], None] | None = None
     ) -> None:
         """Hand a row to the store thread; ``stored`` is set, and ``then`` called, once it was written (or failed)."""
+        if self._append_row(row, stored, then=then):
+            self.store_writer.submit(self._flush_rows)
+
+    def _append_row(
+        self, row: tuple[Any, ...], stored: threading.Event | None = None, *, then: Callable[[], None] | None = None
+    ) -> bool:
+        """Add a row to the store thread's batch; True when the caller must submit the flush job."""
         with self._rows_lock:
             self._rows.append((row, stored, then))
             if self._rows_flush_due:
-                return  # the flush already queued takes this row too
+                return False  # the flush already queued takes this row too
             self._rows_flush_due = True
-        self.store_writer.submit(self._flush_rows)
+            return True
 
     def _flush_rows(self) -> None:
         """Store thread: every row waiting, in order, in one transaction (one row: as before)."""

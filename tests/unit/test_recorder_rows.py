@@ -228,3 +228,38 @@ def test_stopping_the_store_thread_keeps_the_rows_its_delayed_jobs_hand_over(tmp
     fresh = Store(tmp_path / "t.sqlite3")
     assert [r.PromptId for r in fresh.queued_records()] == ["q1"]
     assert fresh.get("r1") is not None and fresh.get("r1").Outcome == "running"
+
+
+def test_a_running_row_handed_over_late_never_replaces_the_final_row(tmp_path: Path, monkeypatch: Any) -> None:
+    """The store thread decides a prompt still runs and makes its running row; before it hands the row over, the
+    prompt ends on the writer thread and hands over its final row. The store must keep the final row (a running
+    row left there is reported ``crashed`` at the next start) and the last event must be the final one."""
+    import telemetry.recorder as recorder_module
+
+    at_handoff, go = threading.Event(), threading.Event()
+    real_dump = recorder_module.dump_record
+
+    def dump_then_pause(rec: PromptRecord) -> Any:
+        # The narrowest seam: the store thread loses the GIL once it has serialized the running record.
+        out = real_dump(rec)
+        if rec.Outcome == "running" and threading.current_thread().name == "store" and not at_handoff.is_set():
+            at_handoff.set()
+            go.wait(10)
+        return out
+
+    monkeypatch.setattr(recorder_module, "dump_record", dump_then_pause)
+    store = Store(tmp_path / "t.sqlite3")
+    writer, store_writer = Writer(), Writer("store")
+    rec = Recorder(store, writer, snapshot, running_row_delay=0.0, store_writer=store_writer)
+    events: list[tuple[str, str]] = []
+    rec.add_listener(lambda r: events.append((r.PromptId, r.Outcome)))
+    rec.started("p", {}, {})
+    assert at_handoff.wait(10)
+    rec.ended("p", SUCCESS, {"outputs": {}})
+    assert writer.flush(10)
+    go.set()
+    assert store_writer.flush(10)
+    assert store.get("p").Outcome == "success"
+    assert events[-1] == ("p", "success")
+    writer.stop()
+    store_writer.stop()
