@@ -852,6 +852,7 @@ class Recorder:
 
     def _persist_queued(self, rec: PromptRecord) -> None:
         """Store the row of a prompt still queued (the next start marks it ``lost`` if ComfyUI stops first)."""
+
         def publish() -> None:
             # Still queued: else its running or final event went out already and this one would undo it.
             with self._lock:
