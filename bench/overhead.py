@@ -76,6 +76,7 @@ VARIANTS = ("without", "null", "noop", "package", "package-2", "marker")
 HOST = {"without": "base", "null": "base2", "noop": "base", "package": "pkg", "package-2": "pkg", "marker": "pkg"}
 PROFILED = ("marker",)
 METRICS = ("exec_ms", "wall_s", "cpu_ms")
+EXTRA = ("gc_ms", "gc2_per_100")  # Python's garbage collector per prompt: time (ms), full collections per 100
 FOLDER = "bo"  # under it, a sub-folder per block (one inotify watch each)
 
 # Two-sided 95 % quantiles of Student's t for 1..30 degrees of freedom (any statistics table).
@@ -262,6 +263,7 @@ class Round:
         last_file = f"{last_name}.done" if variant == "marker" else f"{last_name}_00001_.png"
         watcher = Watcher(folder, IN_CLOSE_WRITE | IN_MOVED_TO)
         try:
+            gc0 = server.get("/rt_bench/gc")
             cpu0, threads0 = proc_times(pid), thread_times(pid)
             t0 = time.time()
             ids = [server.queue(p) for p in built]
@@ -270,11 +272,14 @@ class Round:
             watcher.close()
         wait_quiet(pid)
         cpu1, threads1 = proc_times(pid), thread_times(pid)
+        gc1 = server.get("/rt_bench/gc")
         return {
             "variant": variant,
             "ids": ids,
             "wall_s": t_last - t0,
             "cpu_ms": (cpu1 - cpu0) * 1000 / prompts,
+            "gc_ms": sum(gc1[g][1] - gc0[g][1] for g in gc1) / 1e6 / prompts,
+            "gc2_per_100": (gc1["2"][0] - gc0["2"][0]) * 100 / prompts,
             "threads_ms": {tid: (threads1[tid] - threads0.get(tid, 0.0)) * 1000 / prompts for tid in threads1},
             "folder": sub,
             "files": [Path(p[str(nodes)]["inputs"]["filename_prefix"]).name for p in built],
@@ -446,7 +451,10 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         rnd = Round(r, args.version)
         t_round = time.monotonic()
         blocks = run_round(rnd, args)
-        means = {v: {m: statistics.fmean(b[m] for b in blocks if b["variant"] == v) for m in METRICS} for v in VARIANTS}
+        means = {
+            v: {m: statistics.fmean(b[m] for b in blocks if b["variant"] == v) for m in METRICS + EXTRA}
+            for v in VARIANTS
+        }
         threads = {v: _mean_dicts([b["threads_ms"] for b in blocks if b["variant"] == v]) for v in VARIANTS}
         rounds.append({"means": means, "threads_ms": threads})
         ratio = {v: means[v]["exec_ms"] / means["without"]["exec_ms"] for v in VARIANTS}
@@ -552,6 +560,14 @@ def report(data: dict[str, Any], args: argparse.Namespace) -> tuple[dict[str, An
             cells.append(f"×{g:.3f} [{lo:.3f}–{hi:.3f}]")
         print(f"  {label:36}" + "".join(f"{c:>32}" for c in cells))
     print()
+    print("Python's garbage collector per prompt (mean over rounds; in every thread, mostly the prompt worker's):")
+    summary["gc"] = {}
+    print(f"  {'':36}" + "".join(f"{v:>12}" for v in VARIANTS))
+    for m, label in (("gc_ms", "time in gc (ms)"), ("gc2_per_100", "full collections per 100 prompts")):
+        vals = {v: statistics.fmean(r["means"][v][m] for r in rounds) for v in VARIANTS}
+        summary["gc"][m] = {v: round(x, 3) for v, x in vals.items()}
+        print(f"  {label:36}" + "".join(f"{vals[v]:>12.3f}" for v in VARIANTS))
+    print()
     print("CPU per prompt by thread (ms, mean over rounds):")
     kinds = sorted({k for r in rounds for v in VARIANTS for k in r["threads_ms"][v]})
     summary["threads_ms"] = {}
@@ -619,8 +635,16 @@ def main(argv: list[str] | None = None) -> int:
         help="one more round, not counted: CPU per step of the package and py-spy samples",
     )
     ap.add_argument("--profile-only", action="store_true", help="only the profile round (no ratios)")
+    ap.add_argument(
+        "--gc-freeze",
+        action="store_true",
+        help="diagnostic: every server calls gc.freeze() at its first prompt (Python's full collections then skip "
+        "ComfyUI's start-up heap), to show how much of the cost is the package's share of those collections",
+    )
     args = ap.parse_args(argv)
     args.profile |= args.profile_only
+    if args.gc_freeze:
+        os.environ["RT_BENCH_GC_FREEZE"] = "1"  # inherited by every server this run starts
     if args.rounds < 2:
         ap.error("--rounds must be at least 2 (the interval is over rounds)")
     info = machine(args.version)

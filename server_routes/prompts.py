@@ -85,6 +85,11 @@ def add_routes(routes: web.RouteTableDef, rt: Any) -> None:
         timeout = float_param(request, "timeout", 30.0, 0.0, max_wait)
         fut = waiters.add(prompt_id)  # removed in the finally below: an unknown id leaves nothing behind
         try:
+            cached = rt.recorder.final_json(prompt_id)  # ended already: its body, without parsing the record
+            if cached is not None:
+                if hasattr(rt, "count_wait"):
+                    rt.count_wait(prompt_id)
+                return web.Response(body=cached, content_type="application/json")
             rec = rt.recorder.get(prompt_id)  # after add(): a finish between the two cannot be missed
             if rec is None and not rt.pending(prompt_id):
                 # A quick prompt can start and end between the two looks: the recorder has it before ComfyUI's

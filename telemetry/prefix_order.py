@@ -33,7 +33,7 @@ class PrefixOrder:
 
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _claims: dict[str, list[_Claim]] = field(default_factory=dict)
-    # prompt id -> {prefix text: key (None: refused)}: each prompt's prefix is resolved once, at its first claim, and
+    # prompt id -> {prefix text: key}: each prompt's prefix is resolved once, at its first claim, and
     # that one key serves its clear, its order gate and its write (bounded; released with the prompt's claims)
     _keys: OrderedDict[str, dict[str, str | None]] = field(default_factory=OrderedDict)
     keys_kept: int = 10_000
@@ -45,6 +45,8 @@ class PrefixOrder:
             if known is not None and prefix in known:
                 return known[prefix]
         key = resolve()  # outside the lock: it walks the file system
+        if key is None:
+            return None  # refused (or a folder changing while it was resolved): asked again next time, not kept
         with self._lock:
             known = self._keys.setdefault(prompt_id, {})
             key = known.setdefault(prefix, key)

@@ -66,13 +66,15 @@ AcceptHook = Callable[[PromptRecord, QueuedPrompt], None]
 class _Live:
     """What the recorder holds for a prompt between its start and its end.
 
-    ``nodes`` holds plain ``[seconds, calls, class type or None]`` lists: the per-node path runs on ComfyUI's prompt
+    ``nodes`` holds plain ``(seconds, calls, class type or None)`` tuples: the per-node path runs on ComfyUI's prompt
     worker once per node, so it does no model building; the records are made on the writer thread at the end.
+    Tuples of plain values, not lists: Python's collector stops tracking them at its first look, so they never add
+    to the objects that make a full collection of ComfyUI's whole heap due (bench/README.md, "overhead").
     """
 
     record: PromptRecord
     started_perf: float = 0.0
-    nodes: dict[str, list[Any]] = field(default_factory=dict)
+    nodes: dict[str, tuple[float, int, str | None]] = field(default_factory=dict)
     dynprompt: Any = None
     spans_open: dict[tuple[str, str], tuple[float, Snapshot]] = field(default_factory=dict)
     peak_start: Any = None
@@ -198,6 +200,20 @@ def dump_record(rec: PromptRecord) -> tuple[PromptRecord, str]:
     reduced.FallbackNotes.append(str(clean_value(note)))
     logger.warning("Run Telemetry: record of prompt %r reduced for storage: %s", reduced.PromptId, reason)
     return reduced, reduced.model_dump_json(exclude={"Workflow"})
+
+
+def _kept(rec: PromptRecord) -> PromptRecord:
+    """The form a finished record is kept in memory for listings (``GET /telemetry``): without the workflow, tags,
+    snapshots, node timings and outputs, which the kept JSON body has (``Recorder.get`` parses it).
+
+    A shallow copy: the nested objects it keeps are the final record's own, which nothing changes any more. Each
+    finished record stays in memory for the next ``recent_size`` prompts, so Python's collector promotes what it
+    holds to its oldest generation; the fewer objects, the rarer a full collection of ComfyUI's whole heap (~0.4 s
+    on the bench machine; bench/README.md, "overhead").
+    """
+    return rec.model_copy(
+        update={"Workflow": None, "Tags": {}, "Before": None, "After": None, "Nodes": [], "Outputs": []}
+    )
 
 
 def _copy(rec: PromptRecord, *, running: bool = False, listing: bool = False) -> PromptRecord:
@@ -445,11 +461,7 @@ class Recorder:
             if live is None:
                 return
         t = live.nodes.get(node_id)
-        if t is None:
-            live.nodes[node_id] = [seconds, 1, class_type]
-        else:
-            t[0] += seconds
-            t[1] += 1
+        live.nodes[node_id] = (seconds, 1, class_type) if t is None else (t[0] + seconds, t[1] + 1, t[2])
         if dynprompt is not None and live.dynprompt is None:
             live.dynprompt = dynprompt
         self.last_activity = time.monotonic()
@@ -612,9 +624,11 @@ class Recorder:
             if queued is not None:
                 return _copy(queued)
             rec = self._recent.get(prompt_id)
-        if rec is not None:
-            return rec
-        return self.store.get(prompt_id)
+            body = self._final_json.get(prompt_id) if rec is not None else None
+        if body is not None:
+            return PromptRecord.model_validate_json(body)  # the whole record (memory keeps the listing form)
+        stored = self.store.get(prompt_id)
+        return stored if stored is not None else rec
 
     def recent(self, limit: int) -> list[PromptRecord]:
         """Newest prompts first: running and queued, then finished (live ones as listing copies: no tags, no
@@ -804,7 +818,7 @@ class Recorder:
             )
             body = rec.model_dump_json(exclude={"Workflow"})
         with self._lock:
-            self._recent[rec.PromptId] = rec
+            self._recent[rec.PromptId] = _kept(rec)
             self._final_json[rec.PromptId] = body.encode()
             while len(self._final_json) > self._recent_size:
                 self._final_json.popitem(last=False)

@@ -3,7 +3,8 @@
 Its two do-nothing nodes, ``RTBenchPass`` and ``RTBenchOutput``, stand where TelemetryCapture and WriteDoneMarker
 stand in a prompt, so ComfyUI's own cost of two more nodes is measured without the package. It times
 ``PromptExecutor.execute`` from the outside with ``perf_counter_ns`` and serves the figures:
-``GET /rt_bench/timings`` (all of them), ``GET /rt_bench/threads`` (Python's thread names by OS id) and ``GET /rt_bench/wait/{prompt_id}`` (blocks until that prompt's
+``GET /rt_bench/timings`` (all of them), ``GET /rt_bench/gc`` (Python's garbage collections and their time, per
+generation, from ``gc.callbacks``), ``GET /rt_bench/threads`` (Python's thread names by OS id) and ``GET /rt_bench/wait/{prompt_id}`` (blocks until that prompt's
 ``execute`` has returned, so the bench waits without polling the server while a prompt runs). ComfyUI's own clocks
 are coarser (history timestamps are whole milliseconds, the "Prompt executed in" log line has two decimals) and
 ``execution_start`` is stamped inside the executor, after a prompt-level wrapper has already run. The wrapper is
@@ -95,13 +96,42 @@ def _install() -> None:
     cls.execute = execute
 
 
+_FROZEN: list[bool] = []
+
+
 def _on_prompt(json_data: Any) -> Any:
     with _LOCK:
         _install()
+        if not _FROZEN:
+            _FROZEN.append(True)
+            import gc
+            import os
+
+            # Diagnostic (bench overhead --gc-freeze, every server alike): ComfyUI's start-up heap leaves the
+            # collector's generations, so a full collection walks only what was made since.
+            if os.environ.get("RT_BENCH_GC_FREEZE") == "1":
+                gc.collect()
+                gc.freeze()
     return json_data
 
 
+_GC: dict[int, list[int]] = {0: [0, 0], 1: [0, 0], 2: [0, 0]}  # generation -> [collections, nanoseconds]
+_GC_START: list[int] = [0]
+
+
+def _gc_callback(phase: str, info: dict[str, Any]) -> None:
+    if phase == "start":
+        _GC_START[0] = time.perf_counter_ns()
+    else:
+        cell = _GC[int(info.get("generation", 2))]
+        cell[0] += 1
+        cell[1] += time.perf_counter_ns() - _GC_START[0]
+
+
 def _register() -> None:
+    import gc
+
+    gc.callbacks.append(_gc_callback)  # Python's garbage collector: how often and how long, per generation
     from aiohttp import web
     from server import PromptServer
 
@@ -113,6 +143,11 @@ def _register() -> None:
         """Nanoseconds spent in PromptExecutor.execute, per prompt id."""
         with _LOCK:
             return web.json_response(dict(_TIMINGS))
+
+    @server.routes.get("/rt_bench/gc")
+    async def rt_bench_gc(request: web.Request) -> web.Response:
+        """Collections and nanoseconds spent in Python's garbage collector, per generation, since start."""
+        return web.json_response({str(g): list(v) for g, v in _GC.items()})
 
     @server.routes.get("/rt_bench/threads")
     async def rt_bench_threads(request: web.Request) -> web.Response:
