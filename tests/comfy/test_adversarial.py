@@ -8,7 +8,9 @@ before its ``.failed`` is on disk, and an interrupt aimed at another prompt canc
 from __future__ import annotations
 
 import json
+import sqlite3
 import uuid
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -155,6 +157,16 @@ def test_interrupt_naming_a_prompt_that_is_not_running_keeps_pending_retries(
 # --- a kill -9 while the marker waits for late files: the prefix is answered after the restart ---
 
 
+def _stored_outcome(store: Path, prompt_id: str) -> str | None:
+    """The outcome column of a prompt's row in the package's SQLite store, read by a connection of the test's own."""
+    try:
+        with closing(sqlite3.connect(f"file:{store}?mode=ro", uri=True, timeout=5)) as c:
+            row = c.execute("SELECT outcome FROM prompts WHERE prompt_id=?", (prompt_id,)).fetchone()
+    except sqlite3.Error:
+        return None
+    return row[0] if row else None
+
+
 def test_kill_while_a_marker_settles_leaves_failed_after_restart() -> None:
     server = make_server()
     try:
@@ -168,6 +180,10 @@ def test_kill_while_a_marker_settles_leaves_failed_after_restart() -> None:
         pid = server.queue(p)
         server.wait_history(pid, 60)  # ComfyUI is done with it; the marker waits for the late files
         assert server.get(f"/telemetry/prompts/{pid}")["Outcome"] == "running"
+        # The row the package stores before any marker (on its store thread, a moment after the prompt ended) is on
+        # disk before the kill: a kill before it is the known limit "unknown after restart", not this case.
+        store = server.user_dir / "telemetry" / "telemetry.sqlite3"
+        wait_until(lambda: _stored_outcome(store, pid) == "running", 30, what="the running row in the store")
         server.kill9()
         server.start()
         rec = server.get(f"/telemetry/prompts/{pid}")
