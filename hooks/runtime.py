@@ -102,6 +102,7 @@ class Runtime:
         self._run_policies: dict[
             str, tuple[int, QueuePolicy, list[str]]
         ] = {}  # run id -> (runs_version, policy, notes)
+        self._run_policies_lock = threading.Lock()
         self.snapshot = snapshot
         self.pending = pending
         self.queue_counts = queue_counts
@@ -290,9 +291,10 @@ class Runtime:
         policy, notes = self._run_policy(run_id)
         # A read that failed (the store locked by another process a moment) gave the environment's policy: not kept.
         if run_id and version is not None and getattr(self.store, "read_failures", 0) == failures:
-            self._run_policies[run_id] = (version, policy, list(notes))
-            while len(self._run_policies) > 1000:
-                self._run_policies.pop(next(iter(self._run_policies)))
+            with self._run_policies_lock:  # the writer and HTTP threads both ask
+                self._run_policies[run_id] = (version, policy, list(notes))
+                while len(self._run_policies) > 1000:
+                    self._run_policies.pop(next(iter(self._run_policies)))
         return policy, notes
 
     def _run_policy(self, run_id: str | None) -> tuple[QueuePolicy, list[str]]:
